@@ -1,0 +1,138 @@
+"""Attaching one adapter to a base model in place, detaching it, and naming its tensors.
+
+State names follow docs/formats.md: LoRA uses PEFT's names, the others their module paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..forward import PREFIX_ATTR
+from .bottleneck import PARALLEL_SITES, SERIES_SITES, ParallelMLP, SeriesLinear
+from .config import AdapterConfig, AdapterError
+from .lora import LoraLinear
+from .peft_format import PEFT_PREFIX
+from .prefix import init_prefix
+from .wrap import decoder_layers, replace, wrappers
+
+CONFIG_ATTR = "modulora_adapter"  # the attached AdapterConfig
+_GRAD_ATTR = "_modulora_requires_grad"  # base flags to restore on detach
+
+
+def attached_config(model: nn.Module) -> AdapterConfig | None:
+    """A copy of the attached adapter's configuration, or None."""
+    cfg = model.__dict__.get(CONFIG_ATTR)
+    return None if cfg is None else dataclasses.replace(cfg)
+
+
+def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
+    """Inject a fresh adapter in place; only its parameters are left trainable.
+
+    LoRA and bottleneck adapters start as the identity (zero B / zero up-projection).
+    """
+    cfg.validate()
+    if attached_config(model) is not None:
+        raise AdapterError("an adapter is already attached to this model; detach it first")
+    layers = decoder_layers(model)
+    gen = torch.Generator().manual_seed(seed)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    prefix = init_prefix(model, cfg.num_virtual_tokens, gen) if cfg.type == "prefix" else None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for layer in layers:
+            for site in _sites(layer, cfg):
+                original = layer.get_submodule(site)
+                # new submodules (dropout) start in training mode; follow the base's mode
+                replace(layer, site, _wrap(original, cfg, gen, model).train(original.training))
+        if prefix is not None:
+            setattr(model, PREFIX_ATTR, prefix.train(model.training))
+    except Exception:
+        _restore(model, flags)
+        raise
+    model.__dict__[CONFIG_ATTR] = dataclasses.replace(cfg)
+    model.__dict__[_GRAD_ATTR] = flags
+
+
+def _sites(layer: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Names, inside one decoder layer, of the modules this adapter wraps."""
+    if cfg.type == "prefix":
+        return []
+    if cfg.type == "series":
+        return list(SERIES_SITES[cfg.placement])
+    if cfg.type == "parallel":
+        return list(PARALLEL_SITES)
+    found = [n for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in cfg.target_modules]
+    missing = set(cfg.target_modules) - {n.rsplit(".", 1)[-1] for n in found}
+    if missing:
+        raise AdapterError(f"target module(s) {', '.join(sorted(missing))} not found in the base model's layers")
+    return found
+
+
+def _wrap(module: nn.Module, cfg: AdapterConfig, gen: torch.Generator, model: nn.Module) -> nn.Module:
+    if cfg.type == "parallel":
+        return ParallelMLP(module, model.config.hidden_size, cfg.bottleneck, cfg.scale, cfg.dropout, gen)
+    if not isinstance(module, nn.Linear):
+        raise AdapterError(f"{cfg.type} adapters wrap nn.Linear modules, found {type(module).__name__}")
+    if cfg.type == "lora":
+        return LoraLinear(module, cfg.r, cfg.scaling, cfg.dropout, gen)
+    return SeriesLinear(module, cfg.bottleneck, cfg.scale, cfg.dropout, gen)
+
+
+def detach(model: nn.Module) -> None:
+    """Put the original modules back (same objects, same weights) and drop any prefix."""
+    for name, wrapper in wrappers(model):
+        replace(model, name, wrapper.unwrap())
+    if hasattr(model, PREFIX_ATTR):
+        delattr(model, PREFIX_ATTR)
+    _restore(model, model.__dict__.pop(_GRAD_ATTR, None))
+    model.__dict__.pop(CONFIG_ATTR, None)
+
+
+def _restore(model: nn.Module, flags: dict[str, bool] | None) -> None:
+    if flags is None:
+        return
+    for name, wrapper in wrappers(model):  # after a failed attach: undo what was wrapped
+        replace(model, name, wrapper.unwrap())
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The attached adapter's tensors under their file names (detached, sharing memory)."""
+    cfg = attached_config(model)
+    if cfg is None:
+        raise AdapterError("no adapter is attached to this model")
+    state: dict[str, torch.Tensor] = {}
+    for name, mod in wrappers(model):
+        if isinstance(mod, LoraLinear):
+            for part in ("lora_A", "lora_B"):
+                state[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(mod, part).weight.detach()
+        else:
+            for part in ("adapter_down", "adapter_up"):
+                lin = getattr(mod, part)
+                state[f"{name}.{part}.weight"] = lin.weight.detach()
+                state[f"{name}.{part}.bias"] = lin.bias.detach()
+    prefix = getattr(model, PREFIX_ATTR, None)
+    if prefix is not None:
+        state["prefix.keys"] = prefix.keys.detach()
+        state["prefix.values"] = prefix.values.detach()
+    return state
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold an attached LoRA into the base weights and remove its wrappers (no inference cost).
+
+    The base Linear weights change in place; the model then has no adapter attached.
+    """
+    cfg = attached_config(model)
+    if cfg is None or cfg.type != "lora":
+        what = "no adapter" if cfg is None else f"a {cfg.type} adapter"
+        raise AdapterError(f"merge_lora needs an attached LoRA adapter, this model has {what}")
+    for _, mod in wrappers(model):
+        mod.merge()
+    detach(model)

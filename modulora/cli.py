@@ -1,0 +1,227 @@
+"""The `modulora` command: thin wrappers over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _library(args):
+    from .library import Library
+
+    return Library(args.library)
+
+
+def cmd_train(args) -> None:
+    from .adapters import AdapterConfig
+    from .base import load_base
+    from .data import file_hash, load_task
+    from .train import TrainConfig, train_adapter
+
+    task = load_task(args.data, positive_examples=args.positive_examples)
+    if args.task_name:
+        task.name = args.task_name
+    adapter = AdapterConfig(type=args.type, r=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank,
+                            dropout=args.dropout, bottleneck=args.bottleneck, placement=args.placement,
+                            num_virtual_tokens=args.virtual_tokens,
+                            **({"target_modules": tuple(args.target_modules.split(","))} if args.target_modules else {}))
+    adapter.validate()
+    holdout = args.holdout if args.holdout < 1 else int(args.holdout)
+    cfg = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      max_length=args.max_length, seed=args.seed, dtype=args.dtype, holdout=holdout)
+    base = load_base(args.base)
+    metrics = train_adapter(base, task, adapter, cfg, args.out, data_hash=file_hash(args.data))
+    print(json.dumps(metrics, indent=2))
+    print(f"adapter written to {args.out}")
+    if args.add:
+        record = _library(args).add(args.add, args.out, base.fingerprint)
+        print(f"added to the library as {record.name} v{record.version}")
+
+
+def cmd_generate(args) -> None:
+    from .base import load_base
+    from .generate import generate, using_adapter
+
+    if not args.prompt:
+        raise SystemExit("error: give at least one --prompt")
+    if bool(args.adapter) == bool(args.base_only):
+        raise SystemExit("error: give either --adapter NAME or --base-only")
+    path = None
+    if args.adapter:
+        name, _, version = args.adapter.partition("@")
+        path = _library(args).get(name, int(version) if version else None).path
+    base = load_base(args.base)
+    with using_adapter(base, path) as model:
+        answers = generate(model, base.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed)
+    for prompt, answer in zip(args.prompt, answers):
+        print(f">>> {prompt}\n{answer}\n" if len(args.prompt) > 1 else answer)
+
+
+def cmd_eval(args) -> None:
+    from .base import load_base
+    from .data import load_task, split
+    from .generate import generate, using_adapter
+    from .metrics import exact_match, mean
+
+    task = load_task(args.data, positive_examples=args.positive_examples)
+    examples = split(task.examples, args.holdout if args.holdout < 1 else int(args.holdout), args.seed)[1] \
+        if args.holdout else task.examples
+    path = None
+    if args.adapter:
+        name, _, version = args.adapter.partition("@")
+        path = _library(args).get(name, int(version) if version else None).path
+    base = load_base(args.base)
+    with using_adapter(base, path) as model:
+        answers = generate(model, base.tokenizer, examples, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size)
+    scores = [exact_match(a, ex.references) for a, ex in zip(answers, examples)]
+    result = {"task": task.name, "adapter": args.adapter or "base", "n": len(examples),
+              "exact_match": round(mean(scores), 4)}
+    if args.show:
+        for a, ex, s in list(zip(answers, examples, scores))[: args.show]:
+            print(f"[{'ok' if s else '--'}] {ex.input[:60]!r} -> {a[:60]!r} (expected {ex.references[0]!r})")
+    print(json.dumps(result))
+
+
+def cmd_library(args) -> None:
+    lib = _library(args)
+    if args.action == "add":
+        from .base import load_base
+
+        fp = load_base(args.base).fingerprint if not args.no_base_check else None
+        r = lib.add(args.name, args.path, fp)
+        print(f"added {r.name} v{r.version} ({r.type}, {r.num_params} parameters)")
+    elif args.action == "list":
+        from .report import table
+
+        records = lib.list()
+        if not records:
+            print(f"the library at {lib.root} is empty")
+            return
+        print(table(["name", "version", "type", "task", "parameters", "created"],
+                    [[r.name, r.version, r.type, (r.card or {}).get("task", ""), r.num_params, r.created]
+                     for r in records]))
+    elif args.action == "show":
+        print(json.dumps(lib.show(args.name, args.version), indent=2, default=str))
+    elif args.action == "remove":
+        n = lib.remove(args.name, args.version)
+        print(f"removed {n} version(s) of {args.name}")
+    elif args.action == "export":
+        out = lib.export(args.name, args.out, args.version)
+        print(f"exported {args.name} to {out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(base_name=args.base, steps=args.steps, n_eval=args.n_eval, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modulora", description=__doc__)
+    p.add_argument("--library", default=None, help="library folder (default $MODULORA_HOME/library)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    base_help = "base model: HF directory or id, .gguf file, 'tiny', or the bundled SmolLM2 (default)"
+
+    t = sub.add_parser("train", help="train one adapter on a data file")
+    t.add_argument("--data", required=True, help="JSONL, LLM-Adapters JSON, SNI task JSON or GSM8K JSONL")
+    t.add_argument("--type", default="lora", choices=["lora", "series", "parallel", "prefix"])
+    t.add_argument("--out", required=True, help="directory to write the adapter to")
+    t.add_argument("--base", default=None, help=base_help)
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default per type)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
+    t.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    t.add_argument("--dropout", type=float, default=0.05)
+    t.add_argument("--target-modules", default=None, help="comma list, e.g. q_proj,v_proj (default: all linear)")
+    t.add_argument("--bottleneck", type=int, default=64, help="series/parallel bottleneck size")
+    t.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="series adapter placement")
+    t.add_argument("--virtual-tokens", type=int, default=16, help="prefix length")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the CPU has native bf16")
+    t.add_argument("--holdout", type=float, default=0.1, help="validation share, or a count when >= 1")
+    t.add_argument("--positive-examples", type=int, default=0, help="SNI: positive examples in the prompt")
+    t.add_argument("--task-name", default=None)
+    t.add_argument("--add", metavar="NAME", default=None, help="also add the adapter to the library as NAME")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate with an adapter from the library, or the base alone")
+    g.add_argument("--adapter", default=None, help="library name, optionally NAME@VERSION")
+    g.add_argument("--base-only", action="store_true")
+    g.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    g.add_argument("--base", default=None, help=base_help)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="exact match of an adapter (or the base) on a data file's held-out split")
+    e.add_argument("--data", required=True)
+    e.add_argument("--adapter", default=None, help="library name (default: the base model)")
+    e.add_argument("--base", default=None, help=base_help)
+    e.add_argument("--holdout", type=float, default=0, help="score the split `train --holdout` held out (same --seed)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--positive-examples", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--show", type=int, default=0, help="print the first N predictions")
+    e.set_defaults(func=cmd_eval)
+
+    lib = sub.add_parser("library", help="manage the adapter library")
+    lsub = lib.add_subparsers(dest="action", required=True)
+    a = lsub.add_parser("add", help="validate and add an adapter directory")
+    a.add_argument("name")
+    a.add_argument("path")
+    a.add_argument("--base", default=None, help=base_help + "; its fingerprint is checked")
+    a.add_argument("--no-base-check", action="store_true", help="validate files only, without loading a base")
+    lsub.add_parser("list", help="latest version of each adapter")
+    for action, helptext in (("show", "everything about one adapter"), ("remove", "remove an adapter")):
+        s = lsub.add_parser(action, help=helptext)
+        s.add_argument("name")
+        s.add_argument("--version", type=int, default=None)
+    x = lsub.add_parser("export", help="copy an adapter's files out (PEFT-loadable for LoRA)")
+    x.add_argument("name")
+    x.add_argument("out")
+    x.add_argument("--version", type=int, default=None)
+    lib.set_defaults(func=cmd_library)
+
+    d = sub.add_parser("demo", help="train small adapters on generated tasks and compare with the base")
+    d.add_argument("--base", default=None, help=base_help)
+    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--n-eval", type=int, default=20)
+    d.add_argument("--workdir", default=None, help="default $MODULORA_HOME/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; known errors print one clear line and exit 2, never a traceback."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""A library of adapters: a SQLite catalog over immutable, content-addressed files.
+
+Layout of a library directory:
+
+    catalog.sqlite        names, versions, configs, cards; derived data (routing caches)
+    objects/<object_id>/  the files of one adapter, never modified; object_id hashes their content
+    tmp/                  objects being written (renamed into objects/ when complete)
+    lock                  flock: adds hold it shared, garbage collection exclusive
+
+An add checks everything first, writes the object (temp dir, fsync, rename; identical content is
+stored once), then inserts the catalog row in one transaction. A crash at any point leaves the
+catalog as it was; what it leaves on disk is unreferenced and `gc()` removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .validate import Limits, ValidationError, validate_adapter_dir, validate_name
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: gc falls back to age-based cleanup
+    fcntl = None
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 60.0
+# Without flock (non-POSIX) a temp dir or unreferenced object younger than this may belong to an
+# add in progress, so gc leaves it alone.
+STALE_AFTER_S = 3600.0
+PAUSE_ENV = "MODULORA_LIBRARY_PAUSE_BEFORE_COMMIT"  # test hook, see _before_commit
+
+
+class LibraryError(ValueError):
+    """A library operation cannot be done (unknown name or version, busy, bad export target...)."""
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    version: int
+    type: str
+    object_id: str
+    path: Path  # the immutable directory holding the files
+    created: str
+    card: dict | None
+    config: dict
+    base_id: str | None
+    num_params: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+# ---------------------------------------------------------------------------------------------
+# object store: the only code that knows objects are directories on a local disk
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def object_id_for(digests: dict[str, str]) -> str:
+    """sha256 over the sorted (filename, file sha256) pairs."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(f"{name}\0{digests[name]}\n".encode())
+    return h.hexdigest()
+
+
+class _FileStore:
+    def __init__(self, root: Path):
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, object_id: str) -> Path:
+        return self.objects / object_id
+
+    def has(self, object_id: str) -> bool:
+        return self.path(object_id).is_dir()
+
+    def ids(self) -> set[str]:
+        return {p.name for p in self.objects.iterdir()}
+
+    def put(self, object_id: str, files: dict, digests: dict[str, str]) -> bool:
+        """Store files (bytes or source paths) under object_id unless present; True if written.
+
+        A source path is re-hashed while copied, so a file changed since validation is refused.
+        """
+        if self.has(object_id):
+            return False
+        tmp = self.tmp / f"add-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        try:
+            for name, content in files.items():
+                target = tmp / name
+                h = hashlib.sha256()
+                with open(target, "xb") as out:
+                    if isinstance(content, (bytes, bytearray)):
+                        out.write(content)
+                        h.update(content)
+                    else:
+                        fd = os.open(content, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                        with os.fdopen(fd, "rb") as src:
+                            for chunk in iter(lambda: src.read(1 << 20), b""):
+                                out.write(chunk)
+                                h.update(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if h.hexdigest() != digests[name]:
+                    raise LibraryError(f"{name} changed while it was being added; try again")
+                os.chmod(target, 0o444)
+            _fsync_dir(tmp)
+            _before_rename_hook()
+            try:
+                os.rename(tmp, self.path(object_id))
+            except OSError:
+                if not self.has(object_id):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another add stored the same content first
+                return False
+            _fsync_dir(self.objects)
+            return True
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def delete(self, object_id: str) -> None:
+        """Move out of objects/ first (atomic), then remove: no half-deleted object keeps its id."""
+        src = self.path(object_id)
+        dead = self.tmp / f"del-{object_id[:16]}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(src, dead)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(dead, ignore_errors=True)
+
+    def temp_dirs(self) -> list[Path]:
+        return list(self.tmp.iterdir())
+
+    def files(self, object_id: str) -> dict[str, Path]:
+        return {p.name: p for p in sorted(self.path(object_id).iterdir())}
+
+
+def _before_rename_hook() -> None:
+    """Monkeypatched by tests to fail while an object is half written."""
+
+
+def _before_commit(name: str, version: int) -> None:
+    """Runs inside the catalog transaction, after the object is in place and the row inserted.
+
+    Tests monkeypatch it to raise, or set $MODULORA_LIBRARY_PAUSE_BEFORE_COMMIT to a file path:
+    the add then creates that file and sleeps, so that a test can SIGKILL it right here.
+    """
+    flag = os.environ.get(PAUSE_ENV)
+    if flag:
+        Path(flag).write_text(f"{os.getpid()} {name} {version}\n")
+        time.sleep(600)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    created TEXT NOT NULL,
+    card TEXT,
+    config TEXT NOT NULL,
+    base_id TEXT,
+    num_params INTEGER NOT NULL,
+    files TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS adapters_object ON adapters (object_id);
+-- the last version number ever given to a name: numbers are never reused, even after remove
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, last_version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS derived (
+    object_id TEXT NOT NULL, kind TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (object_id, kind)
+);
+"""
+
+_COLUMNS = "name, version, type, object_id, created, card, config, base_id, num_params, files"
+
+
+class Library:
+    def __init__(self, path: str | Path | None = None, *, limits: Limits = Limits(), auto_gc: bool = True):
+        if path is None:  # base.home(), without importing torch (keeps `library list` fast)
+            path = Path(os.environ.get("MODULORA_HOME") or Path.home() / ".modulora") / "library"
+        self.root = Path(path).expanduser()
+        self.limits = limits
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LibraryError(f"cannot create the library at {self.root}: {e}") from None
+        self._store = _FileStore(self.root)
+        self._lock_path = self.root / "lock"
+        self._lock_path.touch(exist_ok=True)
+        self.catalog = self.root / "catalog.sqlite"
+        try:
+            with self._db() as db:
+                if self._schema_version(db) is None:  # new library: create it (once, whoever is first)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    with self._write(db):
+                        for stmt in filter(str.strip, _SCHEMA.split(";")):
+                            db.execute(stmt)
+                        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                version = self._schema_version(db)
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(f"cannot open the library catalog {self.catalog}: {e}") from None
+        if version > SCHEMA_VERSION:
+            raise LibraryError(f"{self.catalog} has schema version {version}; this modulora knows up to "
+                               f"{SCHEMA_VERSION}: upgrade modulora")
+        if auto_gc:
+            self.gc(wait=False)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _schema_version(db) -> int | None:
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet
+            return None
+        return None if row is None else int(row[0])
+
+    @contextlib.contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.catalog, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            db.execute("PRAGMA synchronous=FULL")
+            yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _write(db: sqlite3.Connection):
+        """One write transaction, taken at once (BEGIN IMMEDIATE), rolled back on any error."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool, wait: bool = True):
+        """flock on the lock file: yields True if held, False if not waiting and busy."""
+        if fcntl is None:  # pragma: no cover
+            yield True
+            return
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            deadline = time.monotonic() + BUSY_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        yield False
+                        return
+                    if time.monotonic() > deadline:
+                        raise LibraryError(f"the library at {self.root} stayed busy for "
+                                           f"{BUSY_TIMEOUT_S:.0f} s") from None
+                    time.sleep(0.05)
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _record(self, row) -> AdapterRecord:
+        name, version, type_, object_id, created, card, config, base_id, num_params, _ = row
+        return AdapterRecord(name=name, version=version, type=type_, object_id=object_id,
+                             path=self._store.path(object_id), created=created,
+                             card=json.loads(card) if card is not None else None,
+                             config=json.loads(config), base_id=base_id, num_params=num_params)
+
+    def _row(self, db, name: str, version: int | None):
+        if version is None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=? ORDER BY version DESC LIMIT 1",
+                             (name,)).fetchone()
+        else:
+            row = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=? AND version=?",
+                             (name, version)).fetchone()
+        if row is not None:
+            return row
+        have = [r[0] for r in db.execute("SELECT version FROM adapters WHERE name=? ORDER BY version", (name,))]
+        if have:
+            raise LibraryError(f"adapter {name} has no version {version} (have: {', '.join(map(str, have))})")
+        names = [r[0] for r in db.execute("SELECT DISTINCT name FROM adapters ORDER BY name LIMIT 21")]
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise LibraryError(f"no adapter named {name} (have: {shown or 'none, the library is empty'})")
+
+    # -- API -------------------------------------------------------------------------------------
+
+    def add(self, name: str, adapter_dir, fingerprint: dict | None = None) -> AdapterRecord:
+        """Check and store an adapter directory as the next version of `name`."""
+        validate_name(name)
+        checked = validate_adapter_dir(adapter_dir, fingerprint, self.limits)
+        object_id = object_id_for(checked.sha256)
+        base_id = (fingerprint or {}).get("id") or ((checked.card or {}).get("base_fingerprint") or {}).get("id")
+        files = {n: {"size": checked.sizes[n], "sha256": checked.sha256[n]} for n in sorted(checked.files)}
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._lock(exclusive=False):  # gc cannot run until the row is committed
+            self._store.put(object_id, checked.files, checked.sha256)
+            with self._db() as db, self._write(db):
+                row = db.execute("SELECT last_version FROM counters WHERE name=?", (name,)).fetchone()
+                version = (row[0] if row else 0) + 1
+                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                           "last_version=excluded.last_version", (name, version))
+                db.execute(f"INSERT INTO adapters ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           (name, version, checked.type, object_id, created,
+                            None if checked.card is None else json.dumps(checked.card),
+                            json.dumps(checked.config), base_id, checked.num_params, json.dumps(files)))
+                _before_commit(name, version)
+        return AdapterRecord(name=name, version=version, type=checked.type, object_id=object_id,
+                             path=self._store.path(object_id), created=created, card=checked.card,
+                             config=checked.config, base_id=base_id, num_params=checked.num_params)
+
+    def get(self, name: str, version: int | None = None) -> AdapterRecord:
+        """A version of an adapter (the latest by default)."""
+        with self._db() as db:
+            return self._record(self._row(db, name, version))
+
+    def list(self) -> list[AdapterRecord]:
+        """The latest version of each name, sorted by name."""
+        with self._db() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM adapters a WHERE version = "
+                              "(SELECT MAX(version) FROM adapters b WHERE b.name = a.name) ORDER BY name")
+            return [self._record(r) for r in rows]
+
+    def versions(self, name: str) -> list[AdapterRecord]:
+        with self._db() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=? ORDER BY version", (name,)).fetchall()
+            if not rows:
+                self._row(db, name, None)  # raises with the list of names
+            return [self._record(r) for r in rows]
+
+    def show(self, name: str, version: int | None = None) -> dict:
+        """Everything about one version, JSON-serialisable."""
+        with self._db() as db:
+            row = self._row(db, name, version)
+            versions = [r[0] for r in db.execute("SELECT version FROM adapters WHERE name=? ORDER BY version",
+                                                 (name,))]
+            derived = [r[0] for r in db.execute("SELECT kind FROM derived WHERE object_id=? ORDER BY kind",
+                                                (row[3],))]
+        rec = self._record(row)
+        out = asdict(rec)
+        out["path"] = str(rec.path)
+        out["ref"] = rec.ref
+        out["files"] = json.loads(row[9])
+        out["total_bytes"] = sum(f["size"] for f in out["files"].values())
+        out["versions"] = versions
+        out["derived"] = derived
+        out["present"] = self._store.has(rec.object_id)
+        return out
+
+    def remove(self, name: str, version: int | None = None) -> int:
+        """Remove all versions of `name` (or one); returns how many. Frees unreferenced objects."""
+        with self._db() as db:
+            with self._write(db):
+                if version is not None:
+                    rows = [self._row(db, name, version)]
+                else:
+                    rows = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=?", (name,)).fetchall()
+                    if not rows:
+                        self._row(db, name, None)  # raises
+                ids = {r[3] for r in rows}
+                for r in rows:
+                    db.execute("DELETE FROM adapters WHERE name=? AND version=?", (r[0], r[1]))
+                for oid in ids:
+                    if db.execute("SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (oid,)).fetchone() is None:
+                        db.execute("DELETE FROM derived WHERE object_id=?", (oid,))
+        self._collect(ids, wait=False)  # busy (an add in flight): a later gc frees them
+        return len(rows)
+
+    def export(self, name: str, out_dir, version: int | None = None) -> Path:
+        """Copy an adapter's files into out_dir (which must not exist or be empty); returns it."""
+        rec = self.get(name, version)
+        out = Path(out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise LibraryError(f"export target {out} exists and is not an empty directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            with self._lock(exclusive=False):  # remove/gc must not free the object mid-copy
+                if not self._store.has(rec.object_id):
+                    raise LibraryError(f"the files of {rec.ref} are missing from {rec.path}")
+                for fname, src in self._store.files(rec.object_id).items():
+                    shutil.copyfile(src, tmp / fname)  # plain copy: the export is writable
+            os.replace(tmp, out)  # onto a missing or empty directory
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    def put_derived(self, object_id: str, kind: str, value: bytes) -> None:
+        """Cache derived data (safetensors bytes, never pickle) for a stored object."""
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError("derived values are bytes (e.g. safetensors.torch.save output)")
+        with self._db() as db, self._write(db):
+            if db.execute("SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (object_id,)).fetchone() is None:
+                raise LibraryError(f"no adapter in the library has object id {object_id}")
+            db.execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?)", (object_id, kind, bytes(value)))
+
+    def get_derived(self, object_id: str, kind: str) -> bytes | None:
+        with self._db() as db:
+            row = db.execute("SELECT value FROM derived WHERE object_id=? AND kind=?", (object_id, kind)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def gc(self, wait: bool = True) -> int:
+        """Delete objects and temp dirs the catalog does not reference (crash leftovers); returns
+        how many. Takes the exclusive lock, so no add is in flight meanwhile; with wait=False it
+        does nothing (returns 0) while one is."""
+        return self._collect(None, wait=wait)
+
+    def _collect(self, candidates: set[str] | None, wait: bool) -> int:
+        with self._lock(exclusive=True, wait=wait) as held:
+            if not held:
+                return 0
+            now = time.time()
+
+            def stale(p: Path) -> bool:
+                if fcntl is not None:
+                    return True  # exclusive lock held: no add is writing
+                try:  # pragma: no cover
+                    return now - p.stat().st_mtime > STALE_AFTER_S
+                except FileNotFoundError:  # pragma: no cover
+                    return False
+
+            with self._db() as db:
+                referenced = {r[0] for r in db.execute("SELECT DISTINCT object_id FROM adapters")}
+                orphan = "FROM derived WHERE object_id NOT IN (SELECT object_id FROM adapters)"
+                if candidates is None and db.execute(f"SELECT 1 {orphan} LIMIT 1").fetchone():
+                    with self._write(db):
+                        db.execute(f"DELETE {orphan}")
+            count = 0
+            for oid in (self._store.ids() if candidates is None else candidates):
+                if oid not in referenced and self._store.has(oid) and stale(self._store.path(oid)):
+                    self._store.delete(oid)
+                    count += 1
+            if candidates is None:
+                for tmp in self._store.temp_dirs():
+                    if stale(tmp):
+                        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+                        count += 1
+            return count
+
+    def integrity_check(self) -> str:
+        """SQLite's `PRAGMA integrity_check` ("ok" when sound)."""
+        with self._db() as db:
+            return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+__all__ = ["AdapterRecord", "Library", "LibraryError", "ValidationError", "object_id_for"]

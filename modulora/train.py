@@ -1,0 +1,205 @@
+"""One training loop for every adapter type: progress bar, checkpoints, resume, validation loss,
+and an adapter card written beside the weights."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import AdapterConfig, attach, detach, save_adapter
+from .base import Base
+from .data import IGNORE, DataError, Example, Task, collate, encode, split
+from .forward import forward
+
+DEFAULT_LR = {"lora": 3e-4, "series": 3e-4, "parallel": 3e-4, "prefix": 3e-3}
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None       # optimizer steps; None = run `epochs` over the data
+    epochs: float = 1.0
+    lr: float | None = None        # None = the adapter type's default (DEFAULT_LR)
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+    dtype: str = "auto"            # "auto" (bf16 autocast where the CPU has native bf16), "bf16", "fp32"
+    holdout: float = 0.1           # validation share (a fraction, or a count when >= 1)
+    warmup: float = 0.05           # share of steps with a linear warm-up
+    checkpoint_every: int = 50
+    max_samples: int = 32          # sample inputs kept on the card (retrieval uses them)
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX) make autocast faster; without them it is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_for(dtype: str):
+    use = dtype == "bf16" or (dtype == "auto" and cpu_has_bf16())
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown training dtype {dtype!r}; use auto, bf16 or fp32")
+    return torch.autocast("cpu", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over answer tokens, and how many there were."""
+    logits, _ = forward(model, batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    n = int((labels != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+    return loss, n
+
+
+def user_text(ex: Example, limit: int = 1000) -> str:
+    text = f"{ex.instruction.strip()}\n\n{ex.input.strip()}".strip()
+    return text[:limit]
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    warm = max(1, int(total * warmup))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, meta: dict) -> None:
+    tensors = {}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    for n in names:
+        tensors[f"param/{n}"] = params[n].detach().contiguous()
+        for k, v in opt.state.get(params[n], {}).items():
+            tensors[f"opt/{n}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**meta, "step": step}))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, model, opt, meta: dict) -> int:
+    """Restore weights and optimizer state; 0 when there is no usable checkpoint."""
+    if not (path / "state.json").exists():
+        return 0
+    saved = json.loads((path / "state.json").read_text())
+    if {k: saved.get(k) for k in meta} != meta:
+        return 0  # made with other settings or data: start over
+    tensors = load_file(str(path / "state.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            kind, rest = key.split("/", 1)
+            if kind == "param":
+                params[rest].copy_(value)
+            else:
+                name, field = rest.rsplit("/", 1)
+                opt.state[params[name]][field] = value.clone()
+    return int(saved["step"])
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: list, pad_id: int, batch_size: int, dtype: str) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        with autocast_for(dtype):
+            loss, n = answer_loss(model, collate(rows[i:i + batch_size], pad_id))
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+def train_adapter(base: Base, task: Task, adapter: AdapterConfig, cfg: TrainConfig, out_dir: str | Path,
+                  data_hash: str = "", progress: bool = True) -> dict:
+    """Train one adapter on a task and write it (PEFT layout for LoRA) with its card to `out_dir`.
+
+    Checkpoints go to `<out_dir>.ckpt/` and are resumed from when the settings and data match;
+    they are removed once the adapter is written.
+    """
+    adapter.validate()
+    if not task.examples:
+        raise DataError(f"task {task.name!r} has no examples to train on")
+    out_dir = Path(out_dir)
+    model, tok = base.model, base.tokenizer
+    lr = cfg.lr or DEFAULT_LR[adapter.type]
+    train_ex, val_ex = split(task.examples, cfg.holdout, cfg.seed) if cfg.holdout else (task.examples, [])
+    train_rows = [encode(tok, ex, cfg.max_length) for ex in train_ex]
+    val_rows = [encode(tok, ex, cfg.max_length) for ex in val_ex[:256]]
+    per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total = cfg.steps or max(1, math.ceil(per_epoch * cfg.epochs))
+    meta = json.loads(json.dumps({"task": task.name, "data_hash": data_hash, "adapter": asdict(adapter),
+                                  "train": asdict(cfg), "base": base.fingerprint["id"]}))  # as stored
+
+    attach(model, adapter, seed=cfg.seed)
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        ckpt = out_dir.with_name(out_dir.name + ".ckpt")
+        start = _load_checkpoint(ckpt, model, opt, meta)
+        model.train()
+        t0, tokens, losses = time.time(), 0, []
+        bar = tqdm(total=total, initial=start, desc=f"train {adapter.type}", unit="step", disable=not progress,
+                   dynamic_ncols=True, mininterval=0.5)
+        for step in range(start, total):
+            epoch, pos = divmod(step, per_epoch)
+            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+            batch = collate([train_rows[i] for i in idx], tok.pad_token_id)
+            torch.manual_seed(cfg.seed * 100003 + step)  # dropout: same masks after a resume
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, total, lr, cfg.warmup)
+            with autocast_for(cfg.dtype):
+                loss, _ = answer_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(loss.item())
+            rate = tokens / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                _save_checkpoint(ckpt, model, opt, step + 1, meta)
+        bar.close()
+        model.eval()
+        seconds = time.time() - t0
+        metrics = {
+            "steps": total, "resumed_from": start,
+            "train_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+            "first_loss": losses[0] if losses and start == 0 else None,
+            "val_loss": evaluate_loss(model, val_rows, tok.pad_token_id, cfg.batch_size, cfg.dtype) if val_rows else None,
+            "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "train_examples": len(train_rows), "val_examples": len(val_rows),
+        }
+        card = {
+            "name": out_dir.name, "type": adapter.type, "task": task.name, "description": task.description,
+            "data_hash": data_hash, "base_fingerprint": base.fingerprint,
+            "train_config": {**asdict(cfg), "lr": lr, "adapter": asdict(adapter)},
+            "samples": [user_text(ex) for ex in train_ex[: cfg.max_samples]],
+            "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "modulora_version": __version__,
+        }
+        save_adapter(model, out_dir, card=card, base_name=base.name)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return metrics
+    finally:
+        model.eval()
+        detach(model)

@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from modulora.adapters import AdapterConfig, read_adapter
+from modulora.data import Task
+from modulora.generate import generate, using_adapter
+from modulora.tasks import make_task
+from modulora.train import TrainConfig, train_adapter
+import modulora.train as train_mod
+
+TYPES = [AdapterConfig(type="lora", r=4, alpha=8), AdapterConfig(type="series", bottleneck=16, placement="houlsby"),
+         AdapterConfig(type="parallel", bottleneck=16), AdapterConfig(type="prefix", num_virtual_tokens=4)]
+
+
+@pytest.mark.parametrize("adapter", TYPES, ids=lambda a: a.type)
+def test_training_lowers_loss_and_writes_a_card(tiny, tmp_path, adapter):
+    task = make_task("upper", n=64)
+    cfg = TrainConfig(steps=30, batch_size=8, max_length=64, lr=1e-2 if adapter.type != "prefix" else 1.0,
+                      dtype="fp32", holdout=8)
+    before = [p.clone() for p in tiny.model.parameters()]
+    m = train_adapter(tiny, task, adapter, cfg, tmp_path / "a", data_hash="h", progress=False)
+    assert m["train_loss"] < m["first_loss"] * 0.8, m
+    assert m["val_loss"] is not None and m["tokens_per_s"] > 0
+    # the base is left exactly as it was
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.model.parameters()))
+    cfg_back, tensors, card = read_adapter(tmp_path / "a")
+    assert cfg_back.type == adapter.type and tensors
+    assert card["task"] == "upper" and card["base_fingerprint"]["id"] == tiny.fingerprint["id"]
+    assert 0 < len(card["samples"]) <= 32 and card["metrics"]["val_loss"] == m["val_loss"]
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+def test_resume_after_a_crash_gives_the_same_adapter(tiny, tmp_path, monkeypatch):
+    task = make_task("add", n=48)
+    cfg = TrainConfig(steps=8, batch_size=4, max_length=48, lr=1e-3, dtype="fp32", holdout=0, checkpoint_every=3)
+    adapter = AdapterConfig(type="lora", r=4, alpha=8, dropout=0.1)
+    train_adapter(tiny, task, adapter, cfg, tmp_path / "whole", progress=False)
+
+    real = train_mod._lr_at
+
+    def crash_at_7(step, *a):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+        return real(step, *a)
+
+    monkeypatch.setattr(train_mod, "_lr_at", crash_at_7)
+    with pytest.raises(RuntimeError):
+        train_adapter(tiny, task, adapter, cfg, tmp_path / "resumed", progress=False)
+    assert json.loads((tmp_path / "resumed.ckpt" / "state.json").read_text())["step"] == 6
+    monkeypatch.setattr(train_mod, "_lr_at", real)
+    m = train_adapter(tiny, task, adapter, cfg, tmp_path / "resumed", progress=False)
+    assert m["resumed_from"] == 6
+    a, b = read_adapter(tmp_path / "whole")[1], read_adapter(tmp_path / "resumed")[1]
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_generate_with_a_trained_adapter_and_batch_invariance(tiny, tmp_path):
+    task = make_task("acronym", n=64)
+    train_adapter(tiny, task, AdapterConfig(type="lora", r=4, alpha=8), TrainConfig(steps=5, lr=1e-2, dtype="fp32",
+                  holdout=0, max_length=64), tmp_path / "a", progress=False)
+    prompts = [e.input for e in task.examples[:5]]
+    base_answers = generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=8)
+    with using_adapter(tiny, tmp_path / "a") as model:
+        tuned = generate(model, tiny.tokenizer, prompts, max_new_tokens=8)
+        alone = [generate(model, tiny.tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
+    assert tuned == alone  # left padding does not change answers
+    assert tuned != base_answers
+    assert generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=8) == base_answers  # detached again
+
+
+def test_empty_task_is_refused(tiny, tmp_path):
+    from modulora.data import DataError
+
+    with pytest.raises(DataError):
+        train_adapter(tiny, Task("t", "", []), AdapterConfig(), TrainConfig(steps=1, holdout=0), tmp_path / "x",
+                      progress=False)
