@@ -58,12 +58,17 @@ def autocast_for(dtype: str):
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over answer tokens, and how many there were."""
-    logits, _ = forward(model, batch["input_ids"], batch["attention_mask"])
+    """Mean cross-entropy over answer tokens, and how many there were.
+
+    Logits are computed only at positions where some row has an answer token: the vocabulary
+    projection is a large share of a step on a small model.
+    """
     labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
+    keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
+    logits, _ = forward(model, batch["input_ids"], batch["attention_mask"], logits_to_keep=keep)
+    labels = labels[:, keep]
     n = int((labels != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
     return loss, n
 
 

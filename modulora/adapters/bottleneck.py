@@ -30,7 +30,9 @@ class _Bottleneck(Wrapper):
             self.adapter_up.bias.zero_()
 
     def bottleneck(self, h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        h = self.adapter_dropout(h.to(self.adapter_down.weight.dtype))
+        if not torch.is_autocast_enabled(h.device.type):  # under autocast the matmuls cast anyway
+            h = h.to(self.adapter_down.weight.dtype)
+        h = self.adapter_dropout(h)
         out = self.adapter_up(F.relu(self.adapter_down(h)))
         return (self.scale * out).to(like.dtype)
 

@@ -29,8 +29,9 @@ class LoraLinear(Wrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        a = self.lora_A.weight
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast anyway
+            x = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return y + (self.scaling * delta).to(y.dtype)
 
     @torch.no_grad()
