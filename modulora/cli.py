@@ -14,6 +14,16 @@ def _library(args):
     return Library(args.library)
 
 
+def _adapter_path(args):
+    """The files of `--adapter NAME[@VERSION]` in the library, or None for the base alone."""
+    if not args.adapter:
+        return None
+    name, _, version = args.adapter.partition("@")
+    if version and not version.isdigit():
+        raise ValueError(f"bad adapter reference {args.adapter!r}: use NAME or NAME@VERSION")
+    return _library(args).get(name, int(version) if version else None).path
+
+
 def cmd_train(args) -> None:
     from .adapters import AdapterConfig
     from .base import load_base
@@ -48,10 +58,7 @@ def cmd_generate(args) -> None:
         raise SystemExit("error: give at least one --prompt")
     if bool(args.adapter) == bool(args.base_only):
         raise SystemExit("error: give either --adapter NAME or --base-only")
-    path = None
-    if args.adapter:
-        name, _, version = args.adapter.partition("@")
-        path = _library(args).get(name, int(version) if version else None).path
+    path = _adapter_path(args)
     base = load_base(args.base)
     with using_adapter(base, path) as model:
         answers = generate(model, base.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -69,10 +76,7 @@ def cmd_eval(args) -> None:
     task = load_task(args.data, positive_examples=args.positive_examples)
     examples = split(task.examples, args.holdout if args.holdout < 1 else int(args.holdout), args.seed)[1] \
         if args.holdout else task.examples
-    path = None
-    if args.adapter:
-        name, _, version = args.adapter.partition("@")
-        path = _library(args).get(name, int(version) if version else None).path
+    path = _adapter_path(args)
     base = load_base(args.base)
     with using_adapter(base, path) as model:
         answers = generate(model, base.tokenizer, examples, max_new_tokens=args.max_new_tokens,
