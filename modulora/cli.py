@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--version", type=int, default=None)
     lib.set_defaults(func=cmd_library)
 
+    from .build import add_build_command
+    from .routing.merge import add_merge_command
+
+    add_build_command(sub)
+    add_merge_command(sub)
+
     d = sub.add_parser("demo", help="train small adapters on generated tasks and compare with the base")
     d.add_argument("--base", default=None, help=base_help)
     d.add_argument("--steps", type=int, default=60)

@@ -1,0 +1,1 @@
+"""Reusing a library of adapters: the multi-expert layer, routers, and merging."""
