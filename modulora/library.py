@@ -39,6 +39,9 @@ BUSY_TIMEOUT_S = 60.0
 # add in progress, so gc leaves it alone.
 STALE_AFTER_S = 3600.0
 PAUSE_ENV = "MODULORA_LIBRARY_PAUSE_BEFORE_COMMIT"  # test hook, see _before_commit
+# Derived data under an object id with this prefix belongs to the library, not to one object
+# (object ids are hex digests, never containing ':'); gc keeps it.
+LIBRARY_SCOPE = "library:"
 
 
 class LibraryError(ValueError):
@@ -360,6 +363,13 @@ class Library:
                               "(SELECT MAX(version) FROM adapters b WHERE b.name = a.name) ORDER BY name")
             return [self._record(r) for r in rows]
 
+    def latest_object_ids(self) -> dict[str, str]:
+        """name -> object id of its latest version, sorted by name; cheap (no cards parsed), for
+        callers that poll for changes (routers keep indexes keyed by object id)."""
+        with self._db() as db:  # SQLite takes the bare column from the row holding the MAX
+            rows = db.execute("SELECT name, object_id, MAX(version) FROM adapters GROUP BY name ORDER BY name")
+            return {name: oid for name, oid, _ in rows}
+
     def versions(self, name: str) -> list[AdapterRecord]:
         with self._db() as db:
             rows = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=? ORDER BY version", (name,)).fetchall()
@@ -427,11 +437,14 @@ class Library:
         return out
 
     def put_derived(self, object_id: str, kind: str, value: bytes) -> None:
-        """Cache derived data (safetensors bytes, never pickle) for a stored object."""
+        """Cache derived data (safetensors bytes, never pickle) for a stored object, or for the
+        whole library under an object id starting with LIBRARY_SCOPE (e.g. a trained router)."""
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError("derived values are bytes (e.g. safetensors.torch.save output)")
         with self._db() as db, self._write(db):
-            if db.execute("SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (object_id,)).fetchone() is None:
+            known = object_id.startswith(LIBRARY_SCOPE) or db.execute(
+                "SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (object_id,)).fetchone() is not None
+            if not known:
                 raise LibraryError(f"no adapter in the library has object id {object_id}")
             db.execute("INSERT OR REPLACE INTO derived VALUES (?, ?, ?)", (object_id, kind, bytes(value)))
 
@@ -462,7 +475,8 @@ class Library:
 
             with self._db() as db:
                 referenced = {r[0] for r in db.execute("SELECT DISTINCT object_id FROM adapters")}
-                orphan = "FROM derived WHERE object_id NOT IN (SELECT object_id FROM adapters)"
+                orphan = (f"FROM derived WHERE object_id NOT IN (SELECT object_id FROM adapters) "
+                          f"AND object_id NOT LIKE '{LIBRARY_SCOPE}%'")
                 if candidates is None and db.execute(f"SELECT 1 {orphan} LIMIT 1").fetchone():
                     with self._write(db):
                         db.execute(f"DELETE {orphan}")
@@ -484,4 +498,4 @@ class Library:
             return db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
-__all__ = ["AdapterRecord", "Library", "LibraryError", "ValidationError", "object_id_for"]
+__all__ = ["AdapterRecord", "LIBRARY_SCOPE", "Library", "LibraryError", "ValidationError", "object_id_for"]
