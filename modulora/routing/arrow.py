@@ -1,0 +1,227 @@
+"""Arrow routing (Ostapenko et al. 2024, "Towards Modular LLMs by Building and Reusing a Library
+of LoRAs"): zero-shot, per token and per layer, from the experts' own weights.
+
+For every adapted module, expert e has a prototype v_e: the top right singular vector of its
+update B_e·A_e (a unit vector in the module's input space, defined up to sign). A token x entering
+the module scores each expert by |<x, v_e>| (the sign of v_e does not matter), keeps the top k,
+and mixes their outputs with softmax(score / temperature) over those k:
+
+    y = W x + sum_{e in top-k(x)} w_e(x) B_e A_e x             (mode "mixture")
+    y = W x + (sum w_e(x) B_e) (sum w_e(x) A_e) x               (mode "average")
+
+With `normalize=True` the score uses x / |x| (a cosine); PEFT's Arrow (peft 0.21 `ArrowConfig`)
+does not normalise, and so the default matches it. The experts' scalings are part of B_e.
+
+Prototypes are computed once per adapter without forming the [out, in] matrix (QR of B and of
+A^T, then the SVD of the small r x r core) and cached in the library as `arrow-v1` derived data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .experts import ExpertSet, LoraExpert, RoutingError
+
+ARROW_KIND = "arrow-v1"
+
+# Kernel choice for the expert products (see bench/routing_layer_micro.py): one masked product
+# over the experts that some token of this batch selected ("used") is faster than sorting the
+# token-expert pairs by expert while the used experts are few compared with k, or the tokens few
+# (a decode step); beyond that the sorted kernel, whose work grows with k and not with E, wins.
+DENSE_MAX_RATIO = 4.0   # "used" kernel while (number of used experts) <= DENSE_MAX_RATIO * k ...
+DENSE_MAX_TOKENS = 64   # ... or while there are at most this many tokens
+
+
+@dataclass(frozen=True)
+class Arrow:
+    """A per-token route: top `top_k` experts by |<x, v_e>|, softmax(score / temperature) over them.
+    `experts` limits the candidates to these names (default: every expert of the set)."""
+
+    top_k: int = 4
+    temperature: float = 1.0
+    normalize: bool = False
+    experts: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.experts is not None and not isinstance(self.experts, tuple):
+            object.__setattr__(self, "experts", tuple(self.experts))
+
+    def candidates(self, expert_set: ExpertSet) -> list[int]:
+        """Indices of the candidate experts; RoutingError for any setting that cannot work."""
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise RoutingError(f"Arrow top_k must be a positive integer, got {k!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise RoutingError(f"Arrow temperature must be a finite number > 0, got {t!r}")
+        if self.experts is None:
+            cand = list(range(len(expert_set)))
+        else:
+            if not self.experts:
+                raise RoutingError("Arrow experts=() names no experts (use None for all)")
+            if len(set(self.experts)) != len(self.experts):
+                raise RoutingError(f"Arrow experts names an expert twice: {list(self.experts)}")
+            cand = [expert_set.index(n) for n in self.experts]
+        if k > len(cand):
+            raise RoutingError(f"Arrow top_k={k} is larger than the number of experts to choose from "
+                               f"({len(cand)})")
+        return cand
+
+
+# ---------------------------------------------------------------------------------------------
+# prototypes
+
+
+@torch.no_grad()
+def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of each B[i] @ A[i] (A: [..., r, in], B: [..., out, r]) -> [..., in],
+    unit norm, sign fixed so that its largest-magnitude entry is positive. Never forms B @ A:
+    with A^T = Qa Ra and B = Qb Rb (thin QR), B A = Qb (Rb Ra^T) Qa^T, so the answer is Qa times
+    the top right singular vector of the small core Rb Ra^T."""
+    A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64)
+    Qa, Ra = torch.linalg.qr(A64.transpose(-1, -2))          # [.., in, r'], [.., r', r]
+    _, Rb = torch.linalg.qr(B64)                               # [.., r'', r]
+    core = Rb @ Ra.transpose(-1, -2)                           # [.., r'', r']
+    _, _, Vh = torch.linalg.svd(core)
+    v = (Qa @ Vh[..., 0, :].unsqueeze(-1)).squeeze(-1)         # [.., in]
+    lead = torch.gather(v, -1, v.abs().argmax(-1, keepdim=True))
+    v = torch.where(lead < 0, -v, v)
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+def compute_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
+    """module -> prototype [in] (float32) for one expert; modules of equal shapes in one batch."""
+    groups: dict[tuple, list[str]] = {}
+    for m in sorted(expert.A):
+        groups.setdefault((tuple(expert.A[m].shape), tuple(expert.B[m].shape)), []).append(m)
+    out = {}
+    for mods in groups.values():
+        v = top_right_singular_vectors(torch.stack([expert.A[m] for m in mods]),
+                                       torch.stack([expert.B[m] for m in mods]))
+        for m, row in zip(mods, v):
+            out[m] = row.to(torch.float32).contiguous()
+    return out
+
+
+def _cached(expert: LoraExpert) -> dict[str, torch.Tensor] | None:
+    lib = expert.library
+    if lib is None or not expert.object_id:
+        return None
+    blob = lib.get_derived(expert.object_id, ARROW_KIND)
+    if blob is None:
+        return None
+    try:
+        protos = st_load(blob)
+    except Exception:  # unreadable cache entry: recompute and overwrite
+        return None
+    ok = set(protos) == set(expert.A) and all(
+        protos[m].shape == (expert.A[m].shape[1],) and bool(torch.isfinite(protos[m]).all()) for m in expert.A)
+    return protos if ok else None
+
+
+def expert_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
+    """An expert's prototypes: from its library's cache, else computed (and cached there)."""
+    protos = _cached(expert)
+    if protos is None:
+        protos = compute_prototypes(expert)
+        if expert.library is not None and expert.object_id:
+            expert.library.put_derived(expert.object_id, ARROW_KIND, st_save(protos))
+    return protos
+
+
+def prototypes(expert_set: ExpertSet) -> dict[str, torch.Tensor]:
+    """module -> [E, in] prototypes of the whole set (computed once per set, per adapter once per
+    library)."""
+    cached = expert_set._cache.get(ARROW_KIND)
+    if cached is None:
+        per_expert = [expert_prototypes(e) for e in expert_set.experts]
+        cached = {m: torch.stack([p[m] for p in per_expert]).to(expert_set.A[m]) for m in expert_set.modules}
+        expert_set._cache[ARROW_KIND] = cached
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token routing and the expert products
+
+
+def route_tokens(x: torch.Tensor, protos: torch.Tensor, spec: Arrow,
+                 cand: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert indices [N, k] (into the set; `protos` holds the candidates, `cand` maps them to the
+    set) and weights [N, k] (softmax over the top k, summing to 1) for tokens x [N, in]."""
+    scores = x @ protos.T
+    if spec.normalize:
+        scores = scores / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    vals, idx = torch.topk(scores.abs_(), spec.top_k, dim=-1)
+    w = torch.softmax(vals / spec.temperature, dim=-1)
+    if cand is not None:
+        idx = cand[idx]
+    return idx, w
+
+
+def mixed_delta(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                average: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k w[n,k] B_idx A_idx x[n] (or the averaged form) for tokens x [N, in]; A [E, R, in],
+    Bt [E, R, out]. Only experts that some token selected are touched. With `out` [N, out] (same
+    dtype), the result is added to it in place and `out` returned."""
+    E = A.shape[0]
+    n, k = idx.shape
+    counts = torch.bincount(idx.reshape(-1), minlength=E)
+    used = counts.nonzero().squeeze(1)
+    if used.numel() <= DENSE_MAX_RATIO * k or n <= DENSE_MAX_TOKENS:
+        return _used_delta(x, A, Bt, idx, w, used, average, out)
+    return _sorted_delta(x, A, Bt, idx, w, counts.tolist(), average, out)
+
+
+def _used_delta(x, A, Bt, idx, w, used, average, out=None):
+    """One product over the used experts; each token's unselected experts get weight 0."""
+    E, R, d_in = A.shape
+    U = used.numel()
+    if U < E:
+        A, Bt = A.index_select(0, used), Bt.index_select(0, used)
+        lut = torch.full((E,), -1, dtype=torch.long, device=idx.device)
+        lut[used] = torch.arange(U, device=idx.device)
+        idx = lut[idx]
+    coeff = x.new_zeros(x.shape[0], U).scatter_(1, idx, w)                # [N, U]
+    z = (x @ A.reshape(U * R, d_in).T).view(-1, U, R)                     # [N, U, R]
+    if average:
+        zbar = torch.einsum("nu,nur->nr", coeff, z)                       # (sum w A) x
+        z = coeff.unsqueeze(-1) * zbar.unsqueeze(1)                       # feeds sum w B
+    else:
+        z.mul_(coeff.unsqueeze(-1))
+    z, Bt = z.view(-1, U * R), Bt.reshape(U * R, -1)
+    return z @ Bt if out is None else out.addmm_(z, Bt)
+
+
+def _sorted_delta(x, A, Bt, idx, w, counts, average, out=None):
+    """Token-expert pairs sorted by expert; a loop over the experts actually selected."""
+    n, k = idx.shape
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    tok = order // k
+    ws = w.reshape(-1)[order].unsqueeze(1)
+    if out is None:
+        out = x.new_zeros(n, Bt.shape[2])
+    segs = []
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            segs.append((e, tok[start:start + c], ws[start:start + c]))
+            start += c
+    if average:
+        zbar = x.new_zeros(n, A.shape[1])
+        for e, t, we in segs:
+            zbar.index_add_(0, t, (x.index_select(0, t) @ A[e].T).mul_(we))
+        for e, t, we in segs:
+            out.index_add_(0, t, zbar.index_select(0, t).mul_(we) @ Bt[e])
+    else:
+        for e, t, we in segs:
+            out.index_add_(0, t, (x.index_select(0, t) @ A[e].T).mul_(we) @ Bt[e])
+    return out
+
+
+__all__ = ["Arrow", "ARROW_KIND", "prototypes", "expert_prototypes", "compute_prototypes",
+           "top_right_singular_vectors", "route_tokens", "mixed_delta"]
