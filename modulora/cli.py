@@ -56,8 +56,21 @@ def cmd_generate(args) -> None:
 
     if not args.prompt:
         raise SystemExit("error: give at least one --prompt")
-    if bool(args.adapter) == bool(args.base_only):
-        raise SystemExit("error: give either --adapter NAME or --base-only")
+    if sum(map(bool, (args.adapter, args.base_only, args.route))) != 1:
+        raise SystemExit("error: give one of --adapter NAME, --route POLICY or --base-only")
+    if args.route:
+        from .routing.api import Router, explain_lines
+
+        base = load_base(args.base)
+        router = Router(base, _library(args))
+        answers = router.answer(args.prompt, [args.route] * len(args.prompt), top_k=args.top_k, mode=args.mode,
+                                max_new_tokens=args.max_new_tokens, explain=args.explain)
+        for prompt, ans in zip(args.prompt, answers):
+            print(f">>> {prompt}\n{ans.text}")
+            if args.explain:
+                print("\n".join(["routing:"] + explain_lines(ans, per_layer=args.route == "arrow")))
+            print()
+        return
     path = _adapter_path(args)
     base = load_base(args.base)
     with using_adapter(base, path) as model:
@@ -65,6 +78,23 @@ def cmd_generate(args) -> None:
                            temperature=args.temperature, seed=args.seed)
     for prompt, answer in zip(args.prompt, answers):
         print(f">>> {prompt}\n{answer}\n" if len(args.prompt) > 1 else answer)
+
+
+def cmd_router(args) -> None:
+    from .base import load_base
+    from .routing.learned import train_router
+
+    lib = _library(args)
+    base = load_base(args.base) if args.embedder == "base" else None
+    embedder = None
+    if base is not None:
+        from .routing.embed import BaseEmbedder
+
+        embedder = BaseEmbedder(base)
+    router = train_router(lib, embedder=embedder, memory_per_task=args.memory, epochs=args.epochs, seed=args.seed)
+    router.save(lib)
+    print(f"trained the learned router on {len(router.names)} adapters "
+          f"({args.memory} examples per task at most); saved in {lib.root}")
 
 
 def cmd_eval(args) -> None:
@@ -158,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="generate with an adapter from the library, or the base alone")
-    g.add_argument("--adapter", default=None, help="library name, optionally NAME@VERSION")
+    g.add_argument("--adapter", default=None, help="library name, optionally NAME@VERSION (any adapter type)")
+    g.add_argument("--route", default=None,
+                   help="arrow | retrieval | learned | uniform | NAME[,NAME...] | NAME:W,NAME:W (LoRA experts)")
+    g.add_argument("--top-k", type=int, default=1, help="experts per request (arrow: per token)")
+    g.add_argument("--mode", default="mixture", choices=["mixture", "average"],
+                   help="compose by output mixture or by parameter averaging")
+    g.add_argument("--explain", action="store_true", help="print which experts each request used")
     g.add_argument("--base-only", action="store_true")
     g.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     g.add_argument("--base", default=None, help=base_help)
@@ -196,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out")
     x.add_argument("--version", type=int, default=None)
     lib.set_defaults(func=cmd_library)
+
+    r = sub.add_parser("router", help="the learned router (L2R)")
+    rsub = r.add_subparsers(dest="action", required=True)
+    rt = rsub.add_parser("train", help="(re)train it on a memory of examples per adapter; run after adding adapters")
+    rt.add_argument("--memory", type=int, default=50, help="examples per task at most")
+    rt.add_argument("--epochs", type=int, default=100)
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--embedder", default="minilm", choices=["minilm", "base"])
+    rt.add_argument("--base", default=None, help=base_help)
+    r.set_defaults(func=cmd_router)
 
     from .build import add_build_command
     from .routing.merge import add_merge_command

@@ -61,5 +61,48 @@ def run_demo(base_name: str | None = None, tasks: tuple[str, ...] = DEMO_TASKS, 
     print(table(["task", "base EM", "adapter EM", "input", "expected", "base says", "adapter says"],
                 [[r["task"], r["base_em"], r["adapter_em"], r["input"], r["expected"],
                   r["base_answer"][:40], r["adapter_answer"][:40]] for r in rows]))
+    print()
+    routed = route_mixed(base, library, held, per_task=max(1, min(5, n_eval)))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    return rows + routed
+
+
+def route_mixed(base, library: Library, held: dict[str, list], per_task: int = 5) -> list[dict]:
+    """Mixed prompts from every task in one batch, routed by Arrow and by retrieval: which expert
+    did each go to, and was it the right one?"""
+    import random
+
+    from .routing.api import Router, top_expert
+    from .train import user_text
+
+    mixed = [(name, ex) for name, examples in held.items() for ex in examples[:per_task]]
+    random.Random(0).shuffle(mixed)
+    prompts = [user_text(ex) for _, ex in mixed]
+    router = Router(base, library)
+    t = time.time()
+    arrow = router.answer(prompts, ["arrow"] * len(prompts), top_k=1, max_new_tokens=16)
+    t_arrow = time.time() - t
+    t = time.time()
+    retrieval = router.answer(prompts, ["retrieval"] * len(prompts), top_k=1, max_new_tokens=16)
+    t_retrieval = time.time() - t
+    rows = []
+    for (task, ex), a, r in zip(mixed, arrow, retrieval):
+        rows.append({"task": task, "input": ex.input, "arrow": top_expert(a), "retrieval": top_expert(r),
+                     "arrow_em": exact_match(a.text, ex.references), "retrieval_em": exact_match(r.text, ex.references),
+                     "answer": r.text})
+    print(f"Routing {len(rows)} mixed prompts in one batch (Arrow: top-1 per token, expert with the largest mean "
+          f"weight shown; retrieval: top-1 by MiniLM similarity to each adapter's sample inputs)")
+    print(table(["prompt", "task", "Arrow picked", "retrieval picked", "answer (retrieval)"],
+                [[r["input"][:32], r["task"], _mark(r["arrow"], r["task"]), _mark(r["retrieval"], r["task"]),
+                  r["answer"][:32]] for r in rows]))
+    n = len(rows)
+    print(f"right expert: Arrow {sum(r['arrow'] == r['task'] for r in rows)}/{n}, "
+          f"retrieval {sum(r['retrieval'] == r['task'] for r in rows)}/{n}; "
+          f"exact match of the routed answers: Arrow {mean([r['arrow_em'] for r in rows]):.2f}, "
+          f"retrieval {mean([r['retrieval_em'] for r in rows]):.2f} "
+          f"({t_arrow:.0f} s and {t_retrieval:.0f} s for the batch)")
     return rows
+
+
+def _mark(picked: str | None, truth: str) -> str:
+    return f"{picked} {'ok' if picked == truth else 'WRONG'}"

@@ -1,0 +1,133 @@
+"""From route names to answers: what `modulora generate --route`, the demo and the server share.
+
+A route is given as text, per request:
+- `arrow`, `retrieval`, `learned`, `uniform`: a routing policy (`top_k` applies to all but uniform);
+- `NAME` or `NAME,NAME,...`: fixed adapters with equal weights; `NAME:0.7,NAME:0.3` for given weights;
+- `base`: the base model alone.
+"""
+
+from __future__ import annotations
+
+from .arrow import Arrow
+from .batch import Request, RoutedAnswer, generate_routed
+from .experts import ExpertSet, RoutingError, load_experts
+
+POLICIES = ("arrow", "retrieval", "learned", "uniform")
+
+
+def parse_fixed(spec: str) -> dict[str, float]:
+    """`a,b` -> equal weights; `a:0.7,b:0.3` -> those weights (normalised later by the layer)."""
+    route: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        if not name:
+            raise RoutingError(f"bad route {spec!r}: empty adapter name")
+        try:
+            route[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise RoutingError(f"bad weight {weight!r} for adapter {name} in route {spec!r}") from None
+    total = sum(route.values())
+    if total <= 0 or any(w <= 0 for w in route.values()):
+        raise RoutingError(f"route {spec!r}: weights must be positive")
+    return {n: w / total for n, w in route.items()}
+
+
+class Router:
+    """Resolves text routes against one library and one base; keeps what is costly to build
+    (the expert set, the retrieval index, the learned router) between calls."""
+
+    def __init__(self, base, library):
+        self.base, self.library = base, library
+        self._experts: ExpertSet | None = None
+        self._experts_key: dict | None = None
+        self._retrieval = None
+        self._learned = None
+
+    def experts(self) -> ExpertSet:
+        """Every LoRA adapter of the library, stacked; rebuilt only when the library changed."""
+        key = self.library.latest_object_ids()
+        if self._experts is None or key != self._experts_key:
+            self._experts = ExpertSet(load_experts(self.library, fingerprint=self.base.fingerprint))
+            self._experts_key = key
+        return self._experts
+
+    def resolve(self, prompts: list[str], routes: list[str], top_k: int = 1,
+                exclude: list[list[str]] | None = None) -> list[dict[str, float] | Arrow | None]:
+        """One route object per prompt (see the module docstring), checked before any compute."""
+        if len(routes) != len(prompts):
+            raise RoutingError(f"{len(prompts)} prompts but {len(routes)} routes")
+        names = self.experts().names
+        out: list = [None] * len(prompts)
+        by_policy: dict[str, list[int]] = {}
+        for i, spec in enumerate(routes):
+            spec = (spec or "base").strip()
+            if spec == "base":
+                continue
+            if spec in POLICIES:
+                by_policy.setdefault(spec, []).append(i)
+                continue
+            route = parse_fixed(spec)
+            unknown = [n for n in route if n not in names]
+            if unknown:
+                raise RoutingError(f"unknown adapter {unknown[0]!r}; the library has: {', '.join(names)}")
+            out[i] = route
+        if any(p != "uniform" for p in by_policy) and not 1 <= top_k <= len(names):
+            raise RoutingError(f"top_k={top_k} but the library has {len(names)} LoRA adapter(s)")
+        for i in by_policy.get("uniform", []):
+            out[i] = {n: 1.0 / len(names) for n in names}
+        for i in by_policy.get("arrow", []):
+            out[i] = Arrow(top_k=top_k)
+        for policy in ("retrieval", "learned"):
+            idx = by_policy.get(policy, [])
+            if idx:
+                texts = [prompts[i] for i in idx]
+                ex = [exclude[i] for i in idx] if exclude else None
+                for i, route in zip(idx, self._sequence_router(policy).route(texts, top_k=top_k, exclude=ex)):
+                    out[i] = route
+        return out
+
+    def _sequence_router(self, policy: str):
+        if policy == "retrieval":
+            if self._retrieval is None:
+                from .retrieval import RetrievalRouter
+
+                self._retrieval = RetrievalRouter(self.library)
+            return self._retrieval
+        if self._learned is None:
+            from .learned import LearnedRouter
+
+            self._learned = LearnedRouter.load(self.library, base=self.base)
+        return self._learned
+
+    def answer(self, prompts: list[str], routes: list[str], top_k: int = 1, mode: str = "mixture",
+               max_new_tokens: int = 64, explain: bool = False, batch_size: int = 16,
+               exclude: list[list[str]] | None = None) -> list[RoutedAnswer]:
+        """Answers for mixed requests, each with its own route, in shared batched passes."""
+        resolved = self.resolve(prompts, routes, top_k, exclude)
+        requests = [Request(p, r, mode=mode, max_new_tokens=max_new_tokens) for p, r in zip(prompts, resolved)]
+        return generate_routed(self.base, self.experts(), requests, batch_size=batch_size, explain=explain)
+
+
+def top_expert(answer: RoutedAnswer) -> str | None:
+    """The expert with the largest weight in an answer (None for the base alone)."""
+    return max(answer.experts, key=answer.experts.get) if answer.experts else None
+
+
+def explain_lines(answer: RoutedAnswer, per_layer: bool = False) -> list[str]:
+    """Human-readable routing of one answer: experts by weight, and (Arrow) per layer."""
+    if not answer.experts:
+        return ["  base model only"]
+    lines = ["  " + ", ".join(f"{n} {w:.2f}" for n, w in sorted(answer.experts.items(), key=lambda kv: -kv[1]))]
+    if per_layer and answer.per_layer:
+        layers: dict[str, dict[str, float]] = {}
+        modules: dict[str, int] = {}
+        for module, weights in answer.per_layer.items():
+            layer = module.split(".layers.")[1].split(".")[0] if ".layers." in module else module
+            modules[layer] = modules.get(layer, 0) + 1
+            for name, w in weights.items():
+                layers.setdefault(layer, {})[name] = layers.get(layer, {}).get(name, 0.0) + w
+        for layer in sorted(layers, key=lambda s: int(s) if s.isdigit() else 0):
+            mean = {n: w / modules[layer] for n, w in layers[layer].items()}
+            top = sorted(mean.items(), key=lambda kv: -kv[1])[:4]
+            lines.append(f"    layer {layer:>2}: " + ", ".join(f"{n} {w:.2f}" for n, w in top))
+    return lines
