@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate with an adapter from the library, or the base alone")
     g.add_argument("--adapter", default=None, help="library name, optionally NAME@VERSION (any adapter type)")
     g.add_argument("--route", default=None,
-                   help="arrow | retrieval | learned | uniform | NAME[,NAME...] | NAME:W,NAME:W (LoRA experts)")
+                   help="arrow | retrieval | learned | uniform (LoRA experts) | NAME[,NAME...] | NAME:W,NAME:W "
+                        "(LoRA, or series/parallel adapters of one kind, or one prefix adapter)")
     g.add_argument("--top-k", type=int, default=1, help="experts per request (arrow: per token)")
     g.add_argument("--mode", default="mixture", choices=["mixture", "average"],
                    help="compose by output mixture or by parameter averaging")

@@ -3,32 +3,64 @@
 It owns the two things every caller would otherwise get subtly different: position ids from the
 attention mask (so left padding works) and the prefix-tuning cache (learned keys and values that
 sit before every sequence but take no position).
+
+The prefix is one adapter's for every row (`modulora.adapters.prefix.Prefix`), or, when routing
+selects prefixes per request, a `RowPrefix`: each row's own, in a block as wide as the longest,
+with the slots a row does not use masked out.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
-PREFIX_ATTR = "modulora_prefix"  # set on the model by a prefix adapter: `.keys`, `.values` [L, kv, P, hd]
+PREFIX_ATTR = "modulora_prefix"  # set on the model: a Prefix (`.keys`, `.values` [L, kv, P, hd]) or a RowPrefix
+
+
+@dataclass
+class RowPrefix:
+    """A prefix per row of one batch: `keys`, `values` [L, b, kv, P, hd]; `row_mask` [b, P] is 1
+    where a row has a prefix token and 0 on the padding of rows with a shorter (or no) prefix."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    row_mask: torch.Tensor
 
 
 def prefix_length(model: torch.nn.Module) -> int:
     prefix = getattr(model, PREFIX_ATTR, None)
-    return 0 if prefix is None else prefix.keys.shape[2]
+    return 0 if prefix is None else prefix.keys.shape[-2]
 
 
 def new_cache(model: torch.nn.Module, batch_size: int) -> DynamicCache:
-    """An empty KV cache, or one holding the attached prefix for every row of the batch."""
+    """An empty KV cache, or one holding the prefix: the attached adapter's for every row of the
+    batch, or each row's own (a RowPrefix)."""
     cache = DynamicCache(config=model.config)
     prefix = getattr(model, PREFIX_ATTR, None)
     if prefix is not None:
+        per_row = isinstance(prefix, RowPrefix)
+        if per_row and prefix.keys.shape[1] != batch_size:
+            raise ValueError(f"the per-row prefix has {prefix.keys.shape[1]} rows but the batch has {batch_size}")
         dtype = next(model.parameters()).dtype
         for layer in range(prefix.keys.shape[0]):
-            k = prefix.keys[layer].unsqueeze(0).expand(batch_size, -1, -1, -1).to(dtype)
-            v = prefix.values[layer].unsqueeze(0).expand(batch_size, -1, -1, -1).to(dtype)
-            cache.update(k, v, layer)
+            k, v = prefix.keys[layer], prefix.values[layer]
+            if not per_row:
+                k = k.unsqueeze(0).expand(batch_size, -1, -1, -1)
+                v = v.unsqueeze(0).expand(batch_size, -1, -1, -1)
+            cache.update(k.to(dtype), v.to(dtype), layer)
     return cache
+
+
+def _prefix_mask(model: torch.nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask's columns for the prefix slots in the cache (None without a prefix)."""
+    prefix = getattr(model, PREFIX_ATTR, None)
+    if prefix is None:
+        return None
+    if isinstance(prefix, RowPrefix):
+        return prefix.row_mask.to(attention_mask)
+    return attention_mask.new_ones(attention_mask.shape[0], prefix.keys.shape[-2])
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -41,10 +73,10 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     b, t = input_ids.shape
     if cache is None:
         cache = new_cache(model, b)
-    p = prefix_length(model)
     mask = attention_mask
-    if p:
-        mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
+    prefix_mask = _prefix_mask(model, attention_mask)
+    if prefix_mask is not None:
+        mask = torch.cat([prefix_mask, attention_mask], dim=1)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, **kwargs)

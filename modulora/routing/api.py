@@ -3,7 +3,10 @@
 A route is given as text, per request:
 - `arrow`, `retrieval`, `learned`, `uniform`: a routing policy (`top_k` applies to all but uniform);
 - `NAME` or `NAME,NAME,...`: fixed adapters with equal weights; `NAME:0.7,NAME:0.3` for given weights;
+  LoRA adapters, or series / parallel adapters of one kind (mixed by output), or one prefix adapter;
 - `base`: the base model alone.
+
+The policies route among the library's LoRA adapters only.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from .arrow import Arrow
 from .batch import Request, RoutedAnswer, generate_routed
 from .experts import ExpertSet, RoutingError, load_experts
+from .family import load_family
 
 POLICIES = ("arrow", "retrieval", "learned", "uniform")
 
@@ -40,6 +44,9 @@ class Router:
         self.base, self.library = base, library
         self._experts: ExpertSet | None = None
         self._experts_key: dict | None = None
+        self._types: dict[str, str] = {}
+        self._types_key: dict | None = None
+        self._family: dict[str, object] = {}  # object id -> series / parallel / prefix expert
         self._retrieval = None
         self._learned = None
 
@@ -51,12 +58,31 @@ class Router:
             self._experts_key = key
         return self._experts
 
+    def adapter_types(self) -> dict[str, str]:
+        """name -> type ("lora", "series", ...) of the library's latest adapters; re-read on change."""
+        key = self.library.latest_object_ids()
+        if key != self._types_key:
+            self._types = {r.name: r.type for r in self.library.list()}
+            self._types_key = key
+        return self._types
+
+    def family_experts(self, names) -> dict:
+        """name -> expert for series, parallel and prefix adapters, kept by object id between calls."""
+        ids = self.library.latest_object_ids()
+        missing = [n for n in names if ids.get(n) not in self._family]
+        for name, e in load_family(self.library, missing, self.base.fingerprint,
+                                   device=next(self.base.model.parameters()).device).items():
+            self._family[e.object_id] = e
+        live = set(ids.values())
+        self._family = {oid: e for oid, e in self._family.items() if oid in live}
+        return {n: self._family[ids[n]] for n in names}
+
     def resolve(self, prompts: list[str], routes: list[str], top_k: int = 1,
                 exclude: list[list[str]] | None = None) -> list[dict[str, float] | Arrow | None]:
         """One route object per prompt (see the module docstring), checked before any compute."""
         if len(routes) != len(prompts):
             raise RoutingError(f"{len(prompts)} prompts but {len(routes)} routes")
-        names = self.experts().names
+        types = self.adapter_types()
         out: list = [None] * len(prompts)
         by_policy: dict[str, list[int]] = {}
         for i, spec in enumerate(routes):
@@ -67,10 +93,14 @@ class Router:
                 by_policy.setdefault(spec, []).append(i)
                 continue
             route = parse_fixed(spec)
-            unknown = [n for n in route if n not in names]
+            unknown = [n for n in route if n not in types]
             if unknown:
-                raise RoutingError(f"unknown adapter {unknown[0]!r}; the library has: {', '.join(names)}")
+                have = ", ".join(types) or "no adapters (it is empty)"
+                raise RoutingError(f"unknown adapter {unknown[0]!r}; the library has: {have}")
             out[i] = route
+        if not by_policy:
+            return out
+        names = self.experts().names
         if any(p != "uniform" for p in by_policy) and not 1 <= top_k <= len(names):
             raise RoutingError(f"top_k={top_k} but the library has {len(names)} LoRA adapter(s)")
         for i in by_policy.get("uniform", []):
@@ -105,7 +135,12 @@ class Router:
         """Answers for mixed requests, each with its own route, in shared batched passes."""
         resolved = self.resolve(prompts, routes, top_k, exclude)
         requests = [Request(p, r, mode=mode, max_new_tokens=max_new_tokens) for p, r in zip(prompts, resolved)]
-        return generate_routed(self.base, self.experts(), requests, batch_size=batch_size, explain=explain)
+        types = self.adapter_types()
+        named = {n for r in resolved if isinstance(r, dict) for n in r}
+        others = self.family_experts(sorted(n for n in named if types.get(n) != "lora"))
+        uses_lora = any(isinstance(r, Arrow) for r in resolved) or any(types.get(n) == "lora" for n in named)
+        return generate_routed(self.base, self.experts() if uses_lora else None, requests, batch_size=batch_size,
+                               explain=explain, others=others)
 
 
 def top_expert(answer: RoutedAnswer) -> str | None:

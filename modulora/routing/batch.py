@@ -9,23 +9,28 @@ left-padded, KV-cached, greedy generation in which every row follows its own rou
     ], explain=True)
     answers[1].experts     # mean Arrow weight per expert over the request's tokens and modules
     answers[1].per_layer   # the same per module (explain=True)
+
+Routes may also name series, parallel or prefix adapters, given as `others` (see family.py):
+bottleneck adapters mix by output, a prefix adapter is selected per request.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from ..data import Example, render_prompt
 from ..generate import generate_ids
 from .arrow import Arrow
 from .experts import ExpertSet, RoutingError
+from .family import FamilyPlan, split_route
 from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
 
 
 @dataclass
 class Request:
     prompt: str
-    route: dict[str, float] | Arrow | None = None
+    route: dict[str, float] | Arrow | None = None  # names LoRA experts, or the `others` of one family
     mode: str = "mixture"  # "mixture": sum_e w_e B_e A_e x; "average": (sum w B)(sum w A) x
     max_new_tokens: int = 64
 
@@ -37,13 +42,16 @@ class RoutedAnswer:
     per_layer: dict[str, dict[str, float]] | None = None  # module -> expert -> mean weight (explain)
 
 
-def generate_routed(base, expert_set: ExpertSet, requests: list[Request], batch_size: int = 16,
-                    explain: bool = False) -> list[RoutedAnswer]:
+def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request], batch_size: int = 16,
+                    explain: bool = False, others: dict | None = None) -> list[RoutedAnswer]:
     """Greedy answers, in order, `batch_size` requests per batched generation.
 
+    `others` maps names of series, parallel and prefix adapters to their experts (`load_family`);
+    `expert_set` (the LoRA experts) may be None when no request routes LoRA.
     Every request is checked before any work (unknown experts, bad weights, bad Arrow settings,
-    unknown modes -> RoutingError). Routing is installed on `base.model` for the call unless this
-    expert set already is; the model is left as it was found.
+    unknown modes, experts of different families in one request -> RoutingError). Routing is
+    installed on `base.model` for the call unless this expert set already is; the model is left
+    as it was found.
     """
     if batch_size < 1:
         raise RoutingError(f"batch_size must be at least 1, got {batch_size}")
@@ -54,30 +62,47 @@ def generate_routed(base, expert_set: ExpertSet, requests: list[Request], batch_
             raise RoutingError(f"request {i}: unknown mode {r.mode!r}; use 'mixture' or 'average'")
         if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 0:
             raise RoutingError(f"request {i}: max_new_tokens must be an integer >= 0, got {r.max_new_tokens!r}")
-    chunks = [requests[s:s + batch_size] for s in range(0, len(requests), batch_size)]
-    plans = [RoutingPlan(expert_set, [r.route for r in c], [r.mode for r in c], explain=explain) for c in chunks]
-
     model, tok = base.model, base.tokenizer
+    others = others or {}
+    split = []  # per request: (route for the LoRA layer, route of another family)
+    for i, r in enumerate(requests):
+        try:
+            split.append(split_route(r.route, r.mode, expert_set, others))
+        except RoutingError as e:
+            raise RoutingError(f"request {i}: {e}") from None
+    chunks, plans = [], []
+    for s in range(0, len(requests), batch_size):
+        chunk, routes = requests[s:s + batch_size], split[s:s + batch_size]
+        lora = (None if expert_set is None else
+                RoutingPlan(expert_set, [lr for lr, _ in routes], [r.mode for r in chunk], explain=explain))
+        chunks.append(chunk)
+        plans.append((lora, FamilyPlan(model, [fr for _, fr in routes], others)))
+
     current = installed(model)
-    if current is not None and current is not expert_set:
+    if current is not None and expert_set is not None and current is not expert_set:
         raise RoutingError("another expert set is installed on this model; uninstall it first")
-    if current is None:
+    if current is None and expert_set is not None:
         install(model, expert_set)
     try:
         answers: list[RoutedAnswer] = []
-        for chunk, plan in zip(chunks, plans):
+        for chunk, (plan, family) in zip(chunks, plans):
             prompts = [tok(render_prompt(tok, Example("", r.prompt, "")), add_special_tokens=False)["input_ids"]
                        for r in chunk]
             longest = max(r.max_new_tokens for r in chunk)
-            with routing(model, plan):
+            with routing(model, plan) if plan is not None else contextlib.nullcontext(), family.applied(model):
                 outs = generate_ids(model, prompts, tok.eos_token_id, tok.pad_token_id, longest)
             for i, (r, ids) in enumerate(zip(chunk, outs)):
-                experts, per_layer = plan.report(i)
+                if family.routes[i] is not None:
+                    experts, per_layer = family.report(i, explain)
+                elif plan is not None:
+                    experts, per_layer = plan.report(i)
+                else:
+                    experts, per_layer = {}, None
                 text = tok.decode(ids[:r.max_new_tokens], skip_special_tokens=True).strip()
                 answers.append(RoutedAnswer(text=text, experts=experts, per_layer=per_layer))
         return answers
     finally:
-        if current is None:
+        if current is None and expert_set is not None:
             uninstall(model)
 
 

@@ -70,7 +70,20 @@ def expert_from_parts(name: str, cfg, tensors: dict[str, torch.Tensor], card: di
                       card=card, library=library)
 
 
-def _check_base(name: str, base_id: str | None, card: dict | None, fingerprint: dict | None) -> None:
+def library_record(library, ref: str):
+    """The library's record for `name` or `name@version`; RoutingError if there is none."""
+    from ..library import LibraryError
+
+    name, _, version = str(ref).partition("@")
+    try:
+        return library.get(name, int(version) if version else None)
+    except ValueError as e:  # LibraryError, or a version that is not a number
+        msg = str(e) if isinstance(e, LibraryError) else f"bad version in {ref!r}"
+        raise RoutingError(f"unknown expert {ref!r}: {msg}") from None
+
+
+def check_base(name: str, base_id: str | None, card: dict | None, fingerprint: dict | None) -> None:
+    """RoutingError if the adapter was made for another base than `fingerprint`'s (None: no check)."""
     if fingerprint is None:
         return
     from ..base import BaseModelError, check_fingerprint
@@ -86,6 +99,22 @@ def _check_base(name: str, base_id: str | None, card: dict | None, fingerprint: 
                            f"this base is {fingerprint.get('id')})")
 
 
+def normalise_route(route: dict[str, float], check_name) -> dict[str, float]:
+    """A sequence-level route checked (`check_name(name)` raises for unknown names; finite weights
+    > 0) and scaled to sum 1. Shared by the LoRA expert set and the other adapter families."""
+    if not isinstance(route, dict):
+        raise RoutingError(f"a sequence-level route is a dict of expert name -> weight, got "
+                           f"{type(route).__name__}")
+    if not route:
+        raise RoutingError("a route names no experts (use None for the base model alone)")
+    for name, w in route.items():
+        check_name(name)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise RoutingError(f"route weight for {name} must be a finite number > 0, got {w!r}")
+    total = float(sum(route.values()))
+    return {n: float(w) / total for n, w in route.items()}
+
+
 def load_experts(library, names: list[str] | None = None, fingerprint: dict | None = None) -> list[LoraExpert]:
     """LoRA experts from a library: the latest version of every LoRA adapter, sorted by name, or
     the named ones (`name` or `name@version`) in the order given.
@@ -93,8 +122,6 @@ def load_experts(library, names: list[str] | None = None, fingerprint: dict | No
     With `fingerprint` (see `modulora.base.fingerprint`), adapters made for another base are refused.
     Unknown names, a non-LoRA adapter named explicitly, an empty library -> RoutingError.
     """
-    from ..library import LibraryError
-
     if names is None:
         records = [r for r in library.list() if r.type == "lora"]
         if not records:
@@ -109,19 +136,14 @@ def load_experts(library, names: list[str] | None = None, fingerprint: dict | No
             raise RoutingError(f"expert {dupes[0]} is named more than once")
         records = []
         for ref in names:
-            name, _, version = str(ref).partition("@")
-            try:
-                rec = library.get(name, int(version) if version else None)
-            except ValueError as e:  # LibraryError, or a version that is not a number
-                msg = str(e) if isinstance(e, LibraryError) else f"bad version in {ref!r}"
-                raise RoutingError(f"unknown expert {ref!r}: {msg}") from None
+            rec = library_record(library, ref)
             if rec.type != "lora":
                 raise RoutingError(f"adapter {ref} is a {rec.type} adapter; only LoRA adapters can be routing "
                                    "experts")
             records.append(rec)
     experts = []
     for rec in records:
-        _check_base(rec.name, rec.base_id, rec.card, fingerprint)
+        check_base(rec.name, rec.base_id, rec.card, fingerprint)
         try:
             cfg, tensors, card = read_adapter(rec.path)
         except AdapterError as e:
@@ -147,7 +169,7 @@ def load_experts_from_dirs(paths, names: list[str] | None = None,
             cfg, tensors, card = read_adapter(p)
         except AdapterError as e:
             raise RoutingError(f"cannot read adapter {name} at {os.fspath(p)}: {e}") from None
-        _check_base(name, None, card, fingerprint)
+        check_base(name, None, card, fingerprint)
         experts.append(expert_from_parts(name, cfg, tensors, card))
     return experts
 
@@ -226,14 +248,4 @@ class ExpertSet:
 
     def normalise(self, route: dict[str, float]) -> dict[str, float]:
         """A sequence-level route checked (known names, finite weights > 0) and scaled to sum 1."""
-        if not isinstance(route, dict):
-            raise RoutingError(f"a sequence-level route is a dict of expert name -> weight, got "
-                               f"{type(route).__name__}")
-        if not route:
-            raise RoutingError("a route names no experts (use None for the base model alone)")
-        for name, w in route.items():
-            self.index(name)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-                raise RoutingError(f"route weight for {name} must be a finite number > 0, got {w!r}")
-        total = float(sum(route.values()))
-        return {n: float(w) / total for n, w in route.items()}
+        return normalise_route(route, self.index)
