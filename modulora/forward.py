@@ -29,11 +29,6 @@ class RowPrefix:
     row_mask: torch.Tensor
 
 
-def prefix_length(model: torch.nn.Module) -> int:
-    prefix = getattr(model, PREFIX_ATTR, None)
-    return 0 if prefix is None else prefix.keys.shape[-2]
-
-
 def new_cache(model: torch.nn.Module, batch_size: int) -> DynamicCache:
     """An empty KV cache, or one holding the prefix: the attached adapter's for every row of the
     batch, or each row's own (a RowPrefix)."""
