@@ -74,3 +74,16 @@ def test_empty_library_and_other_base_refused(capsys, tmp_path, lib, tiny):
     with pytest.raises(RoutingError, match="another base"):
         Router(type("B", (), {"fingerprint": other})(), Library(lib)).experts()
     assert parse_fixed("a, b") == {"a": 0.5, "b": 0.5}
+
+
+def test_explain_summarises_the_requests_own_tokens(tiny):
+    from modulora.data import Example, render_prompt
+    from modulora.routing.batch import content_spans
+
+    tok = tiny.tokenizer
+    texts = ["apple river stone", "a"]
+    prompts = [tok(render_prompt(tok, Example("", t, "")), add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, prompts))
+    for text, ids, (lo, hi) in zip(texts, prompts, content_spans(tok, prompts)):
+        padded = [tok.pad_token_id] * (width - len(ids)) + ids
+        assert tok.decode(padded[lo:hi]).strip() == text

@@ -89,6 +89,8 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
             prompts = [tok(render_prompt(tok, Example("", r.prompt, "")), add_special_tokens=False)["input_ids"]
                        for r in chunk]
             longest = max(r.max_new_tokens for r in chunk)
+            if plan is not None:
+                plan.content_spans = content_spans(tok, prompts)
             with routing(model, plan) if plan is not None else contextlib.nullcontext(), family.applied(model):
                 outs = generate_ids(model, prompts, tok.eos_token_id, tok.pad_token_id, longest)
             for i, (r, ids) in enumerate(zip(chunk, outs)):
@@ -104,6 +106,22 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
     finally:
         if current is None and expert_set is not None:
             uninstall(model)
+
+
+def content_spans(tok, prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """Per left-padded prompt, [lo, hi) of the request's own tokens: without the chat template
+    around it, which is the same for every request and would dominate a per-token summary."""
+    marker = "\x00"
+    rendered = render_prompt(tok, Example("", marker, ""))
+    before, _, after = rendered.partition(marker)
+    n_before = len(tok(before, add_special_tokens=False)["input_ids"]) if before else 0
+    n_after = len(tok(after, add_special_tokens=False)["input_ids"]) if after else 0
+    width = max(len(p) for p in prompts)
+    spans = []
+    for p in prompts:
+        lo, hi = width - len(p) + n_before, width - n_after
+        spans.append((lo, hi) if lo < hi else (width - len(p), width))
+    return spans
 
 
 __all__ = ["Request", "RoutedAnswer", "generate_routed"]

@@ -226,6 +226,7 @@ class _Forward:
         self.seq: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor | None] = {}  # id(Arrow group) -> flat indices of its real tokens
         self.token_rows: dict[int, torch.Tensor] = {}     # id(Arrow group) -> the row of each of them
+        self.counted: dict[int, torch.Tensor] = {}        # id(Arrow group) -> 1 where a token counts in report()
 
 
 class RoutingPlan:
@@ -288,6 +289,9 @@ class RoutingPlan:
         self.fwd: _Forward | None = None
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens [b, t]
         self.tokens_seen = torch.zeros(b, dtype=torch.float64)
+        # report() summarises a row over its own tokens: [lo, hi) of the prompt per row, set by
+        # the caller so that chat-template tokens shared by every request do not dominate
+        self.content_spans: list[tuple[int, int]] | None = None
         # Arrow rows: sum over valid tokens of each expert's weight, per module [b, E]
         self.weight_sums: dict[str, torch.Tensor] = {}
         self._E = len(expert_set)
@@ -312,6 +316,12 @@ class RoutingPlan:
             else:
                 v = valid if g.rows is None else valid.index_select(0, g.rows)
                 fwd.seq[id(g)] = g.w.unsqueeze(1) * v.unsqueeze(2).to(dtype)          # [rows, t, k]
+        counted = valid
+        if self.content_spans is not None and t > 1:
+            pos = torch.arange(t, device=dev)
+            lo = torch.tensor([a for a, _ in self.content_spans], device=dev).unsqueeze(1)
+            hi = torch.tensor([z for _, z in self.content_spans], device=dev).unsqueeze(1)
+            counted = valid & (pos >= lo) & (pos < hi)
         for g in self.arrows:
             sub = valid.index_select(0, g.rows)                                       # [rows, t]
             flat = (g.rows.unsqueeze(1) * t + torch.arange(t, device=dev)).reshape(-1)
@@ -319,7 +329,8 @@ class RoutingPlan:
             toks = flat[keep]
             fwd.tokens[id(g)] = None if toks.numel() == b * t else toks
             fwd.token_rows[id(g)] = g.rows.repeat_interleave(t)[keep]
-        self.tokens_seen += valid.sum(1).to(self.tokens_seen)
+            fwd.counted[id(g)] = counted.index_select(0, g.rows).reshape(-1)[keep]
+        self.tokens_seen += counted.sum(1).to(self.tokens_seen)
         self.token_mask = valid
         self.fwd = fwd
 
@@ -424,12 +435,14 @@ class RoutingPlan:
         if sums is None:
             sums = self.weight_sums[name] = torch.zeros(self.b, self._E, dtype=torch.float64, device=x.device)
         per_token = w.new_zeros(w.shape[0], self._E).scatter_(1, idx, w)
+        per_token *= fwd.counted[id(g)].unsqueeze(1).to(per_token.dtype)
         sums.index_add_(0, fwd.token_rows[id(g)], per_token.to(sums.dtype))
 
     # -- what happened -------------------------------------------------------------------------
 
     def report(self, row: int) -> tuple[dict[str, float], dict[str, dict[str, float]] | None]:
-        """(mean weight per expert over the row's valid tokens and all modules, per-module means if
+        """(mean weight per expert over the row's own tokens (its prompt content, see
+        `content_spans`, and what it generated) and all modules, per-module means if
         the plan explains, else None). Experts with weight 0 are left out; largest first."""
         route = self.routes[row]
         names = self.expert_set.names
