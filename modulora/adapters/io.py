@@ -45,6 +45,14 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, card: dict | None
     if base_name is None:
         base_name = getattr(getattr(model, "config", None), "name_or_path", None) or None
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state(model).items()}
+    return write_adapter_dir(out, cfg, tensors, card, base_name)
+
+
+def write_adapter_dir(out_dir: str | os.PathLike, cfg: AdapterConfig, tensors: dict[str, torch.Tensor],
+                      card: dict | None = None, base_name: str | None = None) -> Path:
+    """Write config, weights and card atomically (a temp dir renamed into place), so a crash
+    never leaves a half-written adapter; an existing adapter there is replaced."""
+    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

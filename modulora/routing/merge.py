@@ -21,20 +21,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..adapters import AdapterConfig, read_adapter
 from ..adapters.config import ALL_LINEAR, MAX_RANK
-from ..adapters.io import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
-from ..adapters.peft_format import PEFT_PREFIX, to_peft_json
+from ..adapters.io import CONFIG_FILE, write_adapter_dir
+from ..adapters.peft_format import PEFT_PREFIX
 
 METHODS = ("concat", "linear", "ties")
 MAX_SAMPLES = 32
@@ -345,24 +343,7 @@ def save_merged(merged: MergedLora, out_dir: str | os.PathLike, card: dict | Non
     for m in merged.A:
         tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = merged.A[m].detach().float().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = merged.B[m].detach().float().cpu().contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(to_peft_json(cfg, merged.base_name), indent=2))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CARD_FILE).write_text(json.dumps(full_card, indent=2, default=str))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_adapter_dir(out, cfg, tensors, full_card, merged.base_name)
 
 
 # -- command line ----------------------------------------------------------------------------------
