@@ -4,6 +4,7 @@ and an adapter card written beside the weights."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ class TrainConfig:
     max_samples: int = 32          # sample inputs kept on the card (retrieval uses them)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls (AVX512-BF16 or AMX) make autocast faster; without them it is slower."""
     try:
