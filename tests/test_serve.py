@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, against a real uvicorn on 127.0.0.1 with the official openai client."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -37,7 +38,8 @@ def server(lib, tiny):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(tiny, Library(lib), max_batch=16, batch_wait_ms=50, queue_size=64)
+    app = create_app(tiny, Library(lib), max_batch=16, batch_wait_ms=50, queue_size=64,
+                     max_upload_bytes=1 << 20)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -210,3 +212,277 @@ def test_a_bad_route_fails_alone_in_its_batch(client, server):
         out = list(ex.map(call, ["upper", "learned", "upper", "learned"]))
     assert out[0] == out[2] == alone
     assert all(isinstance(e, openai.BadRequestError) and "router train" in str(e) for e in out[1::2])
+
+
+# --- adapter uploads, deletes and metrics -------------------------------------------------------
+
+UPLOAD_LIMIT = 1 << 20  # the `server` fixture's max_upload_bytes
+
+
+@pytest.fixture(scope="module")
+def upper_files(lib, tmp_path_factory):
+    """The files of the 'upper' adapter, exported from the test library: {filename: bytes}."""
+    from modulora.library import Library
+
+    out = Library(lib).export("upper", tmp_path_factory.mktemp("export") / "upper")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _names(lib) -> set:
+    from modulora.library import Library
+
+    return {r.name for r in Library(lib).list()}
+
+
+def _tar_gz(members: dict, folder: str = "") -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{folder}{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _upload(url, name, files, **kw):
+    return httpx.post(f"{url}/v1/adapters", data={"name": name},
+                      files=[(f, (f, data)) for f, data in files.items()], timeout=60, **kw)
+
+
+def test_upload_multipart_then_route_to_it_at_once(server, client, lib, upper_files):
+    url = server[0]
+    r = _upload(url, "upper2", upper_files)
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["name"] == "upper2" and rec["version"] == 1 and rec["type"] == "lora" and rec["object_id"]
+    try:
+        assert "upper2" in {m.id for m in client.models.list()}
+        new = client.completions.create(model="upper2", prompt=UPPER, max_tokens=6)
+        old = client.completions.create(model="upper", prompt=UPPER, max_tokens=6)
+        assert experts_of(new) == {"upper2": 1.0} and new.choices[0].text == old.choices[0].text  # same weights
+        ret = client.completions.create(model="retrieval", prompt=UPPER, max_tokens=2, extra_body={"top_k": 4})
+        assert "upper2" in experts_of(ret)  # the policies see it too
+        shown = httpx.get(f"{url}/v1/adapters/upper2").json()
+        assert shown["name"] == "upper2" and shown["object_id"] == rec["object_id"] and "path" not in shown
+        assert set(shown["files"]) == set(upper_files)
+    finally:
+        d = httpx.delete(f"{url}/v1/adapters/upper2")
+    assert d.status_code == 200 and d.json()["deleted"] is True and d.json()["versions_removed"] == 1
+    assert "upper2" not in _names(lib)
+    assert httpx.get(f"{url}/v1/adapters/upper2").status_code == 404
+    assert httpx.delete(f"{url}/v1/adapters/upper2").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="upper2", prompt="x", max_tokens=2)
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "tgz-in-folder", "zip"])
+def test_upload_archive(server, lib, upper_files, kind):
+    import io
+    import zipfile
+
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for n, data in upper_files.items():
+                zf.writestr(f"adapter/{n}", data)
+        fname, data = "a.zip", buf.getvalue()
+    elif kind == "tar.gz":
+        fname, data = "a.tar.gz", _tar_gz(upper_files)
+    else:
+        fname, data = "a.tgz", _tar_gz(upper_files, folder="upper/")
+    r = _upload(server[0], "packed", {fname: data})
+    assert r.status_code == 201, r.text
+    try:
+        assert r.json()["object_id"] == httpx.get(f"{server[0]}/v1/adapters/upper").json()["object_id"]
+    finally:
+        assert httpx.delete(f"{server[0]}/v1/adapters/packed").status_code == 200
+
+
+def _tar_gz_with(extra) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        extra(tf)
+    return buf.getvalue()
+
+
+def _add(name, data=b"x", **attrs):
+    import io
+    import tarfile
+
+    def f(tf):
+        info = tarfile.TarInfo(name)
+        info.size = len(data) if attrs.get("type", tarfile.REGTYPE) == tarfile.REGTYPE else 0
+        for k, v in attrs.items():
+            setattr(info, k, v)
+        tf.addfile(info, io.BytesIO(data) if info.size else None)
+    return f
+
+
+@pytest.mark.parametrize("member", [
+    dict(name="../adapter_config.json"),
+    dict(name="/tmp/adapter_config.json"),
+    dict(name="a/b/adapter_config.json"),
+    dict(name="adapter_config.json", type=b"2", linkname="/etc/passwd"),    # symlink
+    dict(name="card.json", type=b"1", linkname="adapter_config.json"),       # hardlink
+    dict(name="card.json", type=b"3"),                                       # character device
+])
+def test_unsafe_archive_is_refused_and_nothing_added(server, lib, upper_files, member):
+    before = _names(lib)
+    name = member.pop("name")
+
+    def build(tf):
+        for n, data in upper_files.items():
+            _add(n, data)(tf)
+        _add(name, **member)(tf)
+
+    r = _upload(server[0], "evil", {"evil.tar.gz": _tar_gz_with(build)})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "unsafe_archive" and _names(lib) == before
+
+
+def test_archive_with_too_many_members_or_a_bomb_is_refused(server, lib, upper_files):
+    before = _names(lib)
+    many = _tar_gz_with(lambda tf: [_add(f"f{i}.txt")(tf) for i in range(20)])
+    r = _upload(server[0], "evil", {"many.tar.gz": many})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsafe_archive"
+    import io
+    import stat
+    import zipfile
+
+    for path in ("../adapter_config.json", "adapter_config.json"):  # a `..` member; a symlink
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for n, data in upper_files.items():
+                if n != "adapter_config.json":
+                    zf.writestr(n, data)
+            info = zipfile.ZipInfo(path)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16 if ".." not in path else 0
+            zf.writestr(info, "/etc/passwd" if ".." not in path else upper_files["adapter_config.json"])
+        r = _upload(server[0], "evil", {"evil.zip": buf.getvalue()})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsafe_archive", r.text
+    bomb = _tar_gz({**upper_files, "adapter_model.safetensors": bytes(4 * UPLOAD_LIMIT)})
+    assert len(bomb) < UPLOAD_LIMIT
+    r = _upload(server[0], "evil", {"bomb.tar.gz": bomb})
+    assert r.status_code == 413, r.text
+    assert _names(lib) == before
+
+
+def test_oversized_upload_is_413(server, lib, upper_files):
+    before = _names(lib)
+    big = {**upper_files, "card.json": b" " * (UPLOAD_LIMIT + 10)}
+    r = _upload(server[0], "big", big)  # declared by Content-Length
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    def chunks():  # chunked: no Content-Length, counted as read
+        yield b"--b\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nbig\r\n"
+        for _ in range(UPLOAD_LIMIT // 65536 + 2):
+            yield b"x" * 65536
+    r = httpx.post(f"{server[0]}/v1/adapters", content=chunks(), timeout=60,
+                   headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+    assert _names(lib) == before
+
+
+def test_invalid_adapter_is_422_and_library_unchanged(server, lib, upper_files):
+    import struct
+
+    before = {n: httpx.get(f"{server[0]}/v1/adapters/{n}").json()["versions"] for n in _names(lib)}
+    # NaN weights: flip the first float of the first tensor of the safetensors file to NaN
+    st = bytearray(upper_files["adapter_model.safetensors"])
+    header_len = struct.unpack("<Q", st[:8])[0]
+    hdr = json.loads(st[8:8 + header_len])
+    first = next(v for k, v in hdr.items() if k != "__metadata__")
+    assert first["dtype"] == "F32"
+    at = 8 + header_len + first["data_offsets"][0]
+    st[at:at + 4] = struct.pack("<f", float("nan"))
+    cases = [
+        ("upper", {**upper_files, "adapter_model.safetensors": bytes(st)}),              # NaN, onto a known name
+        ("fresh", {"adapter_config.json": upper_files["adapter_config.json"], "adapter_model.bin": b"\x80\x04junk"}),
+        ("fresh", {"adapter_config.json": b"{not json", "adapter_model.safetensors": bytes(st)}),
+        ("fresh", {"adapter_config.json": upper_files["adapter_config.json"]}),           # no weights
+        ("fresh", {"a.tar.gz": _tar_gz({"adapter_model.pt": b"\x80\x04junk", **upper_files})}),
+    ]
+    for name, files in cases:
+        r = _upload(server[0], name, files)
+        assert r.status_code == 422, (name, list(files), r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "invalid_adapter"
+    assert "pickle" in _upload(server[0], "fresh", cases[1][1]).json()["error"]["message"]
+    after = {n: httpx.get(f"{server[0]}/v1/adapters/{n}").json()["versions"] for n in _names(lib)}
+    assert after == before
+
+
+@pytest.mark.parametrize("name", ["../x", ".hidden", "a/b", "retrieval", "base", ""])
+def test_bad_adapter_name_is_400(server, lib, upper_files, name):
+    before = _names(lib)
+    r = _upload(server[0], name, upper_files)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name", r.text
+    assert _names(lib) == before
+
+
+def test_writes_need_the_key_reads_do_not(tiny, lib, upper_files):
+    from fastapi.testclient import TestClient
+
+    from modulora.library import Library
+    from modulora.serve import create_app
+
+    app = create_app(tiny, Library(lib), api_key="secret")
+    files = [(f, (f, d)) for f, d in upper_files.items()]
+    key = {"Authorization": "Bearer secret"}
+    with TestClient(app) as tc:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert tc.post("/v1/adapters", data={"name": "keyed"}, files=files, headers=headers).status_code == 401
+            assert tc.delete("/v1/adapters/upper", headers=headers).status_code == 401
+        assert "keyed" not in _names(lib) and "upper" in _names(lib)
+        assert tc.get("/v1/adapters/upper").status_code == 200  # reads are open
+        assert tc.get("/v1/models").status_code == 200
+        assert tc.get("/metrics").status_code == 200
+        r = tc.post("/v1/adapters", data={"name": "keyed"}, files=files, headers=key)
+        assert r.status_code == 201, r.text
+        assert tc.delete("/v1/adapters/keyed", headers=key).status_code == 200
+        assert "keyed" not in _names(lib)
+
+
+def test_metrics_in_prometheus_text(server, client):
+    client.completions.create(model="add", prompt="1 + 2", max_tokens=3)
+    httpx.get(f"{server[0]}/v1/adapters/nosuch")
+    r = httpx.get(f"{server[0]}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, v = line.rpartition(" ")
+            values[key] = float(v)
+    assert values['modulora_requests_total{method="POST",endpoint="/v1/completions",status="200"}'] >= 1
+    assert values['modulora_requests_total{method="GET",endpoint="/v1/adapters/{name}",status="404"}'] >= 1
+    assert values["modulora_generated_tokens_total"] > 0 and values["modulora_batches_total"] >= 1
+    assert values["modulora_batch_size_count"] == values["modulora_batches_total"]
+    assert values['modulora_batch_size_bucket{le="+Inf"}'] == values["modulora_batches_total"]
+    assert "modulora_queue_depth" in values
+    assert values['modulora_adapter_uploads_total{result="created"}'] >= 1
+    assert values['modulora_adapter_uploads_total{result="rejected"}'] >= 1
+    assert values["modulora_adapter_deletes_total"] >= 1
+    assert values['modulora_request_duration_seconds_count{endpoint="/v1/completions"}'] >= 1
+    for line in text.splitlines():  # every sample line is NAME{labels} VALUE
+        sample = r'[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [0-9.e+-]+'
+        assert line.startswith("#") or re.fullmatch(sample, line), line
+
+
+def test_malformed_uploads_are_400(server, lib, upper_files):
+    before = _names(lib)
+    url = f"{server[0]}/v1/adapters"
+    assert httpx.post(url, json={"name": "x"}).status_code == 400                       # not multipart
+    assert _upload(server[0], "x", {"a.tar.gz": _tar_gz(upper_files)[:-40]}).status_code == 400  # truncated
+    assert _upload(server[0], "x", {"a.zip": b"PK\x03\x04 not a zip"}).status_code == 400
+    assert _upload(server[0], "x", {}).status_code == 400                                 # no files
+    r = httpx.post(url, content=b"--b\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nx",
+                   headers={"content-type": "multipart/form-data; boundary=b"})         # no closing boundary
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert _names(lib) == before
