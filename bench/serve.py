@@ -1,0 +1,416 @@
+"""Serving benchmark: `modulora serve` as a real process on SmolLM2, clients over HTTP on 127.0.0.1.
+
+1. Throughput and latency with 1, 4 and 16 concurrent clients, each client asking for a different
+   adapter of the library (cycled), chat completions with short demo-task prompts, max_tokens 16;
+   each client sends requests in a loop for `--seconds` per level.
+2. Soak: 16 clients for `--soak-seconds` while an adapter (exported from the library) is uploaded
+   under rotating names and older copies are deleted, plus a few deliberately bad requests (counted
+   apart); then failed requests, the server's peak RSS and the library's integrity.
+
+The server works on a COPY of the library (the original is untouched). Writes bench/results/serve.md.
+
+    python bench/serve.py [--library /tmp/mh/demo/library] [--seconds 40] [--soak-seconds 300] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+
+import httpx
+
+from modulora.library import Library
+from modulora.report import table
+from modulora.tasks import make_task
+from modulora.train import user_text
+
+TASK_OF = {"capital": "capital", "capital2": "capital", "add": "add", "upper": "upper", "acronym": "acronym"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts_for(name: str, task: str | None) -> list[str]:
+    t = make_task(task or "capital", n=40, seed=1)
+    return [user_text(ex) for ex in t.examples]
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status field in KiB (0 once the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out = {}
+    for key in ("modulora_batch_size_sum", "modulora_batch_size_count", "modulora_generated_tokens_total",
+                "modulora_batches_total"):
+        m = re.search(rf"^{key} (\S+)$", text, re.M)
+        out[key] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+class Client(threading.Thread):
+    """Chat completions for one adapter in a loop until `stop_at`; records latency, tokens, failures."""
+
+    def __init__(self, url: str, model: str, prompts: list[str], stop_at: float, max_tokens: int):
+        super().__init__(daemon=True)
+        self.url, self.model, self.prompts, self.stop_at, self.max_tokens = url, model, prompts, stop_at, max_tokens
+        self.latencies: list[float] = []
+        self.tokens = 0
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        i = 0
+        with httpx.Client(base_url=self.url, timeout=300) as c:
+            while time.perf_counter() < self.stop_at:
+                body = {"model": self.model, "max_tokens": self.max_tokens,
+                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
+                i += 1
+                t = time.perf_counter()
+                try:
+                    r = c.post("/v1/chat/completions", json=body)
+                except Exception as e:  # noqa: BLE001 - any transport error is a failure
+                    self.failures.append(f"{type(e).__name__}: {e}")
+                    continue
+                dt = time.perf_counter() - t
+                if r.status_code != 200:
+                    self.failures.append(f"{r.status_code}: {r.text[:200]}")
+                    continue
+                self.latencies.append(dt)
+                self.tokens += r.json()["usage"]["completion_tokens"]
+
+
+def run_clients(url, names, prompts, n, seconds, max_tokens):
+    stop_at = time.perf_counter() + seconds
+    clients = [Client(url, names[i % len(names)], prompts[names[i % len(names)]], stop_at, max_tokens)
+               for i in range(n)]
+    t0 = time.perf_counter()
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    return clients, time.perf_counter() - t0
+
+
+def throughput(url, names, prompts, levels, seconds, max_tokens):
+    rows, rps, tps = [], {}, {}
+    for n in levels:
+        before = metrics(url)
+        clients, wall = run_clients(url, names, prompts, n, seconds, max_tokens)
+        after = metrics(url)
+        lat = [x for c in clients for x in c.latencies]
+        fails = sum(len(c.failures) for c in clients)
+        tokens = sum(c.tokens for c in clients)
+        dcount = after["modulora_batch_size_count"] - before["modulora_batch_size_count"]
+        mean_batch = (after["modulora_batch_size_sum"] - before["modulora_batch_size_sum"]) / dcount if dcount else 0
+        rps[n] = len(lat) / wall
+        tps[n] = tokens / wall
+        rows.append([str(n), ", ".join(sorted({c.model for c in clients})), str(len(lat)), str(fails),
+                     f"{wall:.1f}", f"{len(lat) / wall:.2f}", f"{tokens / wall:.1f}", f"{pct(lat, 0.5):.2f}",
+                     f"{pct(lat, 0.95):.2f}", f"{mean_batch:.2f}", f"{tokens / max(1, len(lat)):.1f}"])
+        print(rows[-1], flush=True)
+        for c in clients:
+            for f in c.failures[:3]:
+                print("  failure:", c.model, f, flush=True)
+    return rows, rps, tps
+
+
+def soak(url, names, prompts, seconds, max_tokens, export_dir: Path, pid: int, lib_path: Path):
+    files = {f.name: f.read_bytes() for f in export_dir.iterdir() if f.is_file()}
+    stop_at = time.perf_counter() + seconds
+    state = {"uploads": 0, "upload_fail": [], "deletes": 0, "delete_fail": [], "probe": 0, "probe_fail": [],
+             "bad": 0, "bad_unexpected": [], "rss_peak_polled": 0, "live": []}
+
+    def churn():
+        i = 0
+        with httpx.Client(base_url=url, timeout=300) as c:
+            while time.perf_counter() < stop_at:
+                name = f"soak-{i}"
+                try:
+                    r = c.post("/v1/adapters", data={"name": name},
+                               files=[(f, (f, data)) for f, data in files.items()])
+                    if r.status_code == 201:
+                        state["uploads"] += 1
+                        state["live"].append(name)
+                        # the new adapter answers at once
+                        p = c.post("/v1/chat/completions", json={
+                            "model": name, "max_tokens": max_tokens,
+                            "messages": [{"role": "user", "content": prompts[names[0]][i % 40]}]})
+                        state["probe"] += 1
+                        if p.status_code != 200:
+                            state["probe_fail"].append(f"{p.status_code}: {p.text[:200]}")
+                    else:
+                        state["upload_fail"].append(f"{r.status_code}: {r.text[:200]}")
+                except Exception as e:  # noqa: BLE001
+                    state["upload_fail"].append(f"{type(e).__name__}: {e}")
+                while len(state["live"]) > 2:  # keep the two newest copies
+                    old = state["live"].pop(0)
+                    try:
+                        r = c.delete(f"/v1/adapters/{old}")
+                        if r.status_code == 200:
+                            state["deletes"] += 1
+                        else:
+                            state["delete_fail"].append(f"{r.status_code}: {r.text[:200]}")
+                    except Exception as e:  # noqa: BLE001
+                        state["delete_fail"].append(f"{type(e).__name__}: {e}")
+                i += 1
+                time.sleep(3)
+
+    def bad():
+        cases = [  # (description, call, expected status)
+            ("unknown model", lambda c: c.post("/v1/chat/completions", json={
+                "model": "no-such-adapter", "messages": [{"role": "user", "content": "hi"}]}), 404),
+            ("malformed JSON", lambda c: c.post("/v1/completions", content=b"{not json",
+                                                headers={"content-type": "application/json"}), 400),
+            ("upload without files", lambda c: c.post("/v1/adapters", data={"name": "bad-upload"},
+                                                      files=[("x", ("x.txt", b"nope"))]), 422),
+            ("upload, not multipart", lambda c: c.post("/v1/adapters", json={"name": "x"}), 400),
+            ("delete unknown adapter", lambda c: c.delete("/v1/adapters/never-was"), 404),
+            ("reserved name", lambda c: c.post("/v1/adapters", data={"name": "arrow"},
+                                               files=[(f, (f, d)) for f, d in files.items()]), 400),
+        ]
+        i = 0
+        with httpx.Client(base_url=url, timeout=300) as c:
+            time.sleep(1.0)
+            while time.perf_counter() < stop_at:
+                what, call, want = cases[i % len(cases)]
+                try:
+                    r = call(c)
+                    state["bad"] += 1
+                    if r.status_code != want:
+                        state["bad_unexpected"].append(f"{what}: {r.status_code} (expected {want}) {r.text[:120]}")
+                except Exception as e:  # noqa: BLE001
+                    state["bad_unexpected"].append(f"{what}: {type(e).__name__}: {e}")
+                i += 1
+                time.sleep(5)
+
+    def poll_rss():
+        while time.perf_counter() < stop_at + 1:
+            state["rss_peak_polled"] = max(state["rss_peak_polled"], proc_status(pid, "VmRSS"))
+            time.sleep(0.5)
+
+    rss_start = proc_status(pid, "VmRSS")
+    side = [threading.Thread(target=f, daemon=True) for f in (churn, bad, poll_rss)]
+    for t in side:
+        t.start()
+    clients, wall = run_clients(url, names, prompts, 16, seconds, max_tokens)
+    for t in side:
+        t.join()
+    rss_end = proc_status(pid, "VmRSS")
+    hwm = proc_status(pid, "VmHWM")
+    lat = [x for c in clients for x in c.latencies]
+    fails = [f for c in clients for f in c.failures]
+    for f in (fails + state["upload_fail"] + state["delete_fail"] + state["probe_fail"] + state["bad_unexpected"])[:10]:
+        print("  soak problem:", f, flush=True)
+    return dict(wall=wall, requests=len(lat) + len(fails), ok=len(lat), fails=fails, lat=lat,
+                tokens=sum(c.tokens for c in clients), rss_start=rss_start, rss_end=rss_end, hwm=hwm, **state)
+
+
+def library_whole(lib_path: Path, expect_live: list[str], originals: list[str]) -> tuple[bool, list[str]]:
+    lib = Library(lib_path)
+    notes = []
+    ic = lib.integrity_check()
+    notes.append(f"`Library.integrity_check()` (SQLite `PRAGMA integrity_check`): {ic}")
+    ok = ic == "ok"
+    names = [r.name for r in lib.list()]
+    want = sorted(set(originals) | set(expect_live))
+    if sorted(names) != want:
+        ok = False
+        notes.append(f"listed adapters {sorted(names)} != expected {want}")
+    else:
+        notes.append(f"listed adapters are exactly the {len(originals)} originals plus the "
+                     f"{len(expect_live)} soak uploads not yet deleted ({', '.join(expect_live) or 'none'})")
+    missing = []
+    for n in names:
+        info = lib.show(n)
+        rec = lib.get(n)
+        for fname, meta in info["files"].items():
+            p = Path(rec.path) / fname
+            if not p.is_file() or p.stat().st_size != meta["size"]:
+                missing.append(f"{n}/{fname}")
+        if not info["present"]:
+            missing.append(f"{n} (object missing)")
+    if missing:
+        ok = False
+        notes.append(f"missing or wrong-size files: {missing}")
+    else:
+        notes.append(f"every listed adapter's files are present with their catalogued sizes ({len(names)} adapters)")
+    return ok, notes
+
+
+def versions() -> str:
+    out = []
+    for p in ("torch", "transformers", "peft", "fastapi", "uvicorn", "httpx"):
+        try:
+            out.append(f"{p} {pkg_version(p)}")
+        except Exception:  # noqa: BLE001
+            pass
+    return ", ".join(out) + f", Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    home = Path(os.environ.get("MODULORA_HOME") or Path.home() / ".modulora")
+    ap.add_argument("--library", default=str(home / "demo" / "library"))
+    ap.add_argument("--seconds", type=float, default=40, help="per concurrency level")
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--soak-seconds", type=float, default=300)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="5 s per level, 15 s soak (development)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.md"))
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.soak_seconds = 5, 15
+    cmd_line = ("python bench/serve.py " + " ".join(sys.argv[1:])).strip()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    tmp = Path(tempfile.mkdtemp(prefix="modulora-bench-serve-"))
+    lib_path = tmp / "library"
+    shutil.copytree(args.library, lib_path, ignore=shutil.ignore_patterns("lock"))
+    originals = [r.name for r in Library(lib_path).list()]
+    names = [n for n in originals]  # every client a different adapter, cycled
+    prompts = {n: prompts_for(n, TASK_OF.get(n)) for n in names}
+    export_dir = tmp / "export"
+    subprocess.run(["modulora", "--library", str(lib_path), "library", "export", names[0], str(export_dir)],
+                   check=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "w")
+    t_start = time.perf_counter()
+    server = subprocess.Popen(["modulora", "--library", str(lib_path), "serve", "--port", str(port),
+                               "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    load1 = os.getloadavg()[0]
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"server exited: {(tmp / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        startup = time.perf_counter() - t_start
+        print(f"server up in {startup:.1f} s (pid {server.pid}, port {port})", flush=True)
+        run_clients(url, names, prompts, len(names), 2, args.max_tokens)  # warm-up, not counted
+
+        rows, rps, tps = throughput(url, names, prompts, levels, args.seconds, args.max_tokens)
+        ratio = rps[levels[-1]] / rps[levels[0]] if rps.get(levels[0]) else float("nan")
+        tratio = tps[levels[-1]] / tps[levels[0]] if tps.get(levels[0]) else float("nan")
+        s = soak(url, names, prompts, args.soak_seconds, args.max_tokens, export_dir, server.pid, lib_path)
+        final_metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        health = httpx.get(f"{url}/health", timeout=10).json()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    load2 = os.getloadavg()[0]
+    server_errors = [ln for ln in (tmp / "server.log").read_text().splitlines() if "Traceback" in ln or "ERROR" in ln]
+    whole, notes = library_whole(lib_path, s["live"], originals)
+    five = sum(int(m.group(1)) for m in re.finditer(r'status="5\d\d"\} (\d+)', final_metrics))
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    soak_fail = len(s["fails"]) + len(s["upload_fail"]) + len(s["delete_fail"]) + len(s["probe_fail"])
+    mb = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
+    soak_rows = [
+        ["duration", f"{s['wall']:.0f} s (asked {args.soak_seconds:.0f} s)"],
+        ["completion requests (16 clients)", f"{s['requests']} ({s['ok'] / s['wall']:.2f} req/s, "
+                                             f"{s['tokens'] / s['wall']:.1f} gen tokens/s)"],
+        ["latency p50 / p95", f"{pct(s['lat'], 0.5):.2f} / {pct(s['lat'], 0.95):.2f} s"],
+        ["failed completion requests", str(len(s["fails"]))],
+        ["adapter uploads (201) / failed", f"{s['uploads']} / {len(s['upload_fail'])}"],
+        ["requests to a just-uploaded adapter / failed", f"{s['probe']} / {len(s['probe_fail'])}"],
+        ["adapter deletes (200) / failed", f"{s['deletes']} / {len(s['delete_fail'])}"],
+        ["deliberately bad requests / answered with another status than expected",
+         f"{s['bad']} / {len(s['bad_unexpected'])}"],
+        ["5xx answers over the whole run (/metrics)", str(five)],
+        ["server RSS at soak start / end", f"{mb(s['rss_start'])} / {mb(s['rss_end'])}"],
+        ["server peak RSS (VmHWM, whole run incl. throughput part)", mb(s["hwm"])],
+        ["server peak RSS polled during soak (every 0.5 s)", mb(s["rss_peak_polled"])],
+        ["/health after the soak", str(health)],
+        ["library whole afterwards", "yes" if whole else "**no**"],
+    ]
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    goals = [
+        [f"{levels[-1]}-client vs {levels[0]}-client throughput", ">= 3x", f"{ratio:.2f}x", met(ratio >= 3)],
+        ["failed requests in the soak (other than the deliberate bad ones)", "0", str(soak_fail),
+         met(soak_fail == 0)],
+        ["library whole after the soak", "yes", "yes" if whole else "no", met(whole)],
+    ]
+    text = (
+        "# Serving, SmolLM2-135M-Instruct\n\n"
+        f"Command: `MODULORA_HOME=/tmp/mh {cmd_line}`\n\n"
+        f"Hardware: {cpu}, {os.cpu_count()} cores, shared by the server and the clients (same machine, "
+        f"traffic on 127.0.0.1 only); load average over 1 minute {load1:.2f} at the start, {load2:.2f} at "
+        f"the end. {versions()}.\n\n"
+        f"Server: `modulora --library COPY serve --port P --log-level warning` as a subprocess (defaults: "
+        f"max batch 16, batch wait 10 ms, queue 64), on a copy of `{args.library}` "
+        f"({len(originals)} LoRA adapters: {', '.join(originals)}); up in {startup:.0f} s. "
+        f"Clients: threads with one `httpx.Client` each, `POST /v1/chat/completions`, max_tokens "
+        f"{args.max_tokens}, greedy, short prompts of the demo tasks (the adapter's own task); client i asks "
+        f"for adapter i mod {len(names)}, and loops for {args.seconds:.0f} s per level (requests in flight at "
+        f"the end are awaited and counted; rates are over that wall time). One {len(names)}-client warm-up of "
+        f"2 s first, not counted. Mean batch size is the delta of `modulora_batch_size_sum / _count` on "
+        f"/metrics over the level.\n\n"
+        "## Throughput and latency\n\n"
+        + table(["clients", "adapters", "requests", "failed", "wall s", "requests/s", "gen tokens/s",
+                 "p50 s", "p95 s", "mean batch", "gen tokens/request"], rows)
+        + f"\n\n{levels[-1]} clients vs {levels[0]}: {ratio:.2f}x the requests/s, {tratio:.2f}x the generated "
+        "tokens/s.\n\n"
+        "## Soak\n\n"
+        f"16 clients as above for {s['wall']:.0f} s. Meanwhile one thread uploads `{names[0]}` (exported with "
+        "`modulora library export`, sent as multipart files) under the names `soak-0`, `soak-1`, ... "
+        "every ~3 s, sends one completion to each new name at once, and deletes all but the two newest; "
+        "another sends a deliberately bad request every 5 s (unknown model -> 404, malformed JSON -> 400, "
+        "a non-adapter file -> 422, not multipart -> 400, delete of an unknown name -> 404, a reserved "
+        "name -> 400), counted apart.\n\n"
+        + table(["what", "measured"], soak_rows)
+        + "\n\nLibrary afterwards (server stopped first):\n\n" + "\n".join(f"- {n}" for n in notes)
+        + (f"\n- server log lines with Traceback/ERROR: {len(server_errors)}\n")
+        + "\n## Goals\n\n"
+        + table(["goal", "needed", "measured", "result"], goals) + "\n"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(text)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
