@@ -794,25 +794,24 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
                              "type": rec.type, "object_id": rec.object_id, "created": rec.created,
                              "num_params": rec.num_params}, status_code=201)
 
-    @app.get("/v1/adapters/{name}")
-    async def show_adapter(name: str):
+    async def on_adapter(call, name: str):
+        """Run a library call for one named adapter off the event loop; unknown names -> 404."""
         from .library import LibraryError
 
         try:
-            info = await asyncio.to_thread(library.show, name)
+            return await asyncio.to_thread(call, name)
         except LibraryError as e:
             raise APIError(404, str(e), param="name", code="adapter_not_found") from None
+
+    @app.get("/v1/adapters/{name}")
+    async def show_adapter(name: str):
+        info = await on_adapter(library.show, name)
         info.pop("path", None)  # the server's file system is not the client's business
         return info
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):
-        from .library import LibraryError
-
-        try:
-            n = await asyncio.to_thread(library.remove, name)
-        except LibraryError as e:
-            raise APIError(404, str(e), param="name", code="adapter_not_found") from None
+        n = await on_adapter(library.remove, name)
         metrics.delete()
         return {"object": "adapter.deleted", "id": name, "name": name, "deleted": True, "versions_removed": n}
 
