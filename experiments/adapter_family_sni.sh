@@ -9,13 +9,9 @@ EPOCHS=${EPOCHS:-3}
 mkdir -p "$OUT"
 export MODULORA_HOME=${MODULORA_HOME:-$HOME/.modulora}
 LIB="$OUT/library"
-RESULTS="$OUT/results.jsonl"
-: > "$RESULTS"
-modulora --library "$LIB" eval --data "$DATA" --holdout 50 --show 5 | tee -a "$OUT/eval.log" | tail -1 >> "$RESULTS"
 for TYPE in lora series parallel prefix; do
   modulora --library "$LIB" train --data "$DATA" --type "$TYPE" --holdout 50 --epochs "$EPOCHS" \
       --out "$OUT/$TYPE" --add "sni-$TYPE" 2>&1 | sed 's/.*\r//' | tee "$OUT/train-$TYPE.log" | grep -v '^train ' || true
-  modulora --library "$LIB" eval --data "$DATA" --holdout 50 --adapter "sni-$TYPE" --show 5 \
-      | tee -a "$OUT/eval.log" | tail -1 >> "$RESULTS"
 done
-cat "$RESULTS"
+modulora --library "$LIB" eval --data "$DATA" --holdout 50 --metric em --show 5 --out "$OUT/eval" \
+    --route base --route sni-lora --route sni-series --route sni-parallel --route sni-prefix

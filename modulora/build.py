@@ -93,7 +93,7 @@ def reusable(out: Path, task: str, data_hash: str, adapter: AdapterConfig, cfg: 
             and (card.get("base_fingerprint") or {}).get("id") == base_id)
 
 
-def _train_or_reuse(base, task: Task, adapter: AdapterConfig, cfg: TrainConfig, out: Path, data_hash: str,
+def train_or_reuse(base, task: Task, adapter: AdapterConfig, cfg: TrainConfig, out: Path, data_hash: str,
                     progress: bool) -> tuple[dict, bool]:
     if reusable(out, task.name, data_hash, adapter, cfg, base.fingerprint["id"]):
         return json.loads((out / "card.json").read_text()).get("metrics") or {}, True
@@ -109,7 +109,7 @@ def _update_card(out: Path, extra: dict) -> None:
     os.replace(tmp, path)
 
 
-def _add(library, name: str, out: Path, fingerprint: dict) -> tuple[int | None, bool]:
+def add_if_new(library, name: str, out: Path, fingerprint: dict) -> tuple[int | None, bool]:
     """Add `out` to the library as `name` unless its latest version has this very content.
     Returns (version, added)."""
     if library is None:
@@ -306,7 +306,7 @@ def cluster_tasks(base, short_dirs: list[Path], k: int, adapter: AdapterConfig, 
 def build_library(base, data_dir, out_dir, library=None, mode: str = "private", clusters: int | None = None,
                   steps: int | None = None, mbc_steps: int | None = None, adapter: AdapterConfig | None = None,
                   train: TrainConfig | None = None, keep: float = 0.1, dims: int = 256, reduce: str = "svd",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, short_dir: str | os.PathLike | None = None) -> dict:
     """Train a library from the task files in `data_dir` and return a summary.
 
     base: a loaded `Base`, or a name for `load_base` (loaded after the inputs are checked).
@@ -314,6 +314,8 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
     mode: "private" (one adapter per task) or "mbc" (one per cluster of `clusters` clusters).
     steps: training steps of the library's adapters (default: `train`'s steps or epochs);
     mbc_steps: steps of the short per-task LoRAs MBC clusters by (default 25).
+    short_dir: where the short LoRAs live (default out_dir/mbc); point it at a private build's
+      `adapters/` folder with mbc_steps equal to its steps to cluster those adapters without training.
     keep / dims / reduce: MBC embedding: share of parameters kept, reduced size, "svd" or "random".
     """
     if mode not in MODES:
@@ -367,7 +369,7 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
     summary = {"mode": mode, "out_dir": str(out), "tasks": list(tasks), "adapters": [], "trained": [], "reused": []}
 
     def record(name: str, path: Path, members: list[str], metrics: dict, reused: bool, add: bool) -> None:
-        version, added = _add(library, name, path, base.fingerprint) if add else (None, False)
+        version, added = add_if_new(library, name, path, base.fingerprint) if add else (None, False)
         summary["reused" if reused else "trained"].append(name)
         if add:
             summary["adapters"].append({"name": name, "path": str(path), "tasks": members, "reused": reused,
@@ -378,7 +380,7 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
         for name, task in bar:
             bar.set_postfix(task=name)
             path = out / "adapters" / name
-            metrics, reused = _train_or_reuse(base, task, adapter, train, path, hashes[name], progress)
+            metrics, reused = train_or_reuse(base, task, adapter, train, path, hashes[name], progress)
             record(name, path, [name], metrics, reused, add=True)
     else:
         short = {}
@@ -386,8 +388,8 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
                    dynamic_ncols=True)
         for name, task in bar:
             bar.set_postfix(task=name)
-            short[name] = out / "mbc" / name
-            metrics, reused = _train_or_reuse(base, task, adapter, short_cfg, short[name], hashes[name], progress)
+            short[name] = Path(short_dir) / name if short_dir else out / "mbc" / name
+            metrics, reused = train_or_reuse(base, task, adapter, short_cfg, short[name], hashes[name], progress)
             record(f"mbc:{name}", short[name], [name], metrics, reused, add=False)
         names = list(tasks)
         labels, sim = cluster_tasks(base, [short[n] for n in names], clusters, adapter, train.seed,
@@ -413,7 +415,7 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
                         examples=[ex for n in member_names for ex in tasks[n].examples], format="mixed")
             data_hash = hashlib.sha256("".join(f"{n}\0{hashes[n]}\n" for n in member_names).encode()).hexdigest()
             path = out / "adapters" / cname
-            metrics, reused = _train_or_reuse(base, task, adapter, train, path, data_hash, progress)
+            metrics, reused = train_or_reuse(base, task, adapter, train, path, data_hash, progress)
             if json.loads((path / "card.json").read_text()).get("cluster_tasks") != member_names:
                 _update_card(path, {"cluster_tasks": member_names})
             record(cname, path, member_names, metrics, reused, add=True)
@@ -476,4 +478,4 @@ def add_build_command(subparsers) -> None:
 
 
 __all__ = ["BuildError", "build_library", "find_task_files", "kmeans", "cosine_matrix", "cluster_tasks",
-           "reduce_vectors", "sparse_vectors", "plot_similarity", "reusable", "add_build_command"]
+           "reduce_vectors", "sparse_vectors", "plot_similarity", "reusable", "train_or_reuse", "add_if_new", "add_build_command"]

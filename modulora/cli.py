@@ -98,25 +98,28 @@ def cmd_router(args) -> None:
 
 def cmd_eval(args) -> None:
     from .base import load_base
-    from .data import load_task, split
-    from .generate import generate, using_adapter
-    from .metrics import exact_match, mean
+    from .evaluate import Method, evaluate, prepare_task, task_files
 
-    task = load_task(args.data, positive_examples=args.positive_examples)
-    examples = split(task.examples, args.holdout if args.holdout < 1 else int(args.holdout), args.seed)[1] \
-        if args.holdout else task.examples
-    path = _adapter_path(args)
-    base = load_base(args.base)
-    with using_adapter(base, path) as model:
-        answers = generate(model, base.tokenizer, examples, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size)
-    scores = [exact_match(a, ex.references) for a, ex in zip(answers, examples)]
-    result = {"task": task.name, "adapter": args.adapter or "base", "n": len(examples),
-              "exact_match": round(mean(scores), 4)}
+    files = [f for d in args.data for f in task_files(d)]
+    tasks = [prepare_task(f, n=args.n, seed=args.seed, metric=args.metric, holdout=args.holdout or None,
+                          loglik=args.loglik, max_new_tokens=args.max_new_tokens, name=name,
+                          positive_examples=args.positive_examples) for name, f in files]
+    routes = list(args.route) + ([args.adapter] if args.adapter else [])
+    methods = [Method(name=r if r == "base" or args.top_k == 1 or "," in r or ":" in r else f"{r} top-{args.top_k}",
+                      route=r, top_k=args.top_k, mode=args.mode) for r in routes or ["base"]]
+    lib = args.library or str(_library(args).root)
+    from .evaluate import check_methods
+
+    check_methods(methods, lib)  # before the model loads
+    results = evaluate(load_base(args.base), tasks, methods, args.out, library=lib, batch_size=args.batch_size)
+    print(results.markdown())
     if args.show:
-        for a, ex, s in list(zip(answers, examples, scores))[: args.show]:
-            print(f"[{'ok' if s else '--'}] {ex.input[:60]!r} -> {a[:60]!r} (expected {ex.references[0]!r})")
-    print(json.dumps(result))
+        for rec in results.predictions[: args.show]:
+            mark = "ok" if list(rec["scores"].values())[0] >= 1 else "--"
+            print(f"[{mark}] {rec['method']} {rec['task']} #{rec['id']}: {rec['prediction'][:70]!r} "
+                  f"(expected {rec['references'][0][:40]!r})")
+    print(f"results: {args.out}/results.md, results.json (every prediction), accuracy.png"
+          + (", routing.png" if any(r != "base" for r in routes) else ""))
 
 
 def cmd_library(args) -> None:
@@ -203,15 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="exact match of an adapter (or the base) on a data file's held-out split")
-    e.add_argument("--data", required=True)
-    e.add_argument("--adapter", default=None, help="library name (default: the base model)")
+    e = sub.add_parser("eval", help="score routes (methods) on data files; resumable; tables and plots")
+    e.add_argument("--data", required=True, action="append",
+                   help="a data file, a folder of task files, or a folder of LLM-Adapters sets (<set>/test.json); "
+                        "repeat for more")
+    e.add_argument("--route", action="append", default=[],
+                   help="a method: base | arrow | retrieval | learned | uniform | NAME[,NAME] | NAME:W,...; repeat")
+    e.add_argument("--adapter", default=None, help="shorthand for --route NAME")
+    e.add_argument("--top-k", type=int, default=1)
+    e.add_argument("--mode", default="mixture", choices=["mixture", "average"])
     e.add_argument("--base", default=None, help=base_help)
+    e.add_argument("--n", type=int, default=None, help="a seeded subsample of at most N examples per task")
     e.add_argument("--holdout", type=float, default=0, help="score the split `train --holdout` held out (same --seed)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--metric", default="auto", help="auto, or a comma list of: em, rougeL, number, choice, letter")
+    e.add_argument("--loglik", action="store_true", help="multiple choice: pick the option of highest log-likelihood")
     e.add_argument("--positive-examples", type=int, default=0)
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default by metric (256 for math, 32 short answers)")
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", default="eval-results", help="results folder; a rerun with the same settings resumes")
     e.add_argument("--show", type=int, default=0, help="print the first N predictions")
     e.set_defaults(func=cmd_eval)
 
@@ -246,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .build import add_build_command
     from .routing.merge import add_merge_command
 
+    from .experiments import add_experiment_command
     from .serve import add_serve_command
 
     add_build_command(sub)
+    add_experiment_command(sub)
     add_merge_command(sub)
     add_serve_command(sub)
 

@@ -58,6 +58,8 @@ def detect_format(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".txt.bz2") or name.endswith(".txt"):
         return "hellaswag"
+    if name.endswith(".tsv"):
+        return "flan-cot"
     if name.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "")
@@ -74,7 +76,7 @@ def detect_format(path: Path) -> str:
         if head.startswith("["):
             return "llm-adapters"
     raise DataError(f"{path}: unknown data format (expected .jsonl, LLM-Adapters .json, "
-                    "Super-NaturalInstructions task .json, GSM8K .jsonl or HellaSwag .txt)")
+                    "Super-NaturalInstructions task .json, GSM8K .jsonl, FLAN CoT .tsv or HellaSwag .txt)")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -156,6 +158,22 @@ def read_gsm8k(path: Path) -> list[Example]:
     return out
 
 
+def read_flan_cot(path: Path) -> list[Example]:
+    """FLAN chain-of-thought TSV: question, answer, rationale (newlines written as \\n)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 3:
+                raise DataError(f"{path}: line {n} has {len(cols)} tab-separated fields, expected 3 "
+                                "(question, answer, rationale)")
+            question, answer, rationale = (c.replace("\\n", "\n").strip() for c in cols)
+            out.append(Example(question, "", f"{rationale}\nThe answer is {answer}.", [answer.strip("()")], str(n)))
+    return out
+
+
 def read_hellaswag(path: Path) -> list[Example]:
     opener = bz2.open if path.name.endswith(".bz2") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -190,6 +208,8 @@ def load_task(path: str | Path, positive_examples: int = 0) -> Task:
         examples, description = read_sni(path, positive_examples)
     elif fmt == "gsm8k":
         examples = read_gsm8k(path)
+    elif fmt == "flan-cot":
+        examples = read_flan_cot(path)
     else:
         examples = read_hellaswag(path)
     if not examples:
@@ -213,13 +233,34 @@ def split(examples: list[Example], holdout: int | float = 0.1, seed: int = 0) ->
     return [examples[i] for i in keep], [examples[i] for i in held]
 
 
-def render_prompt(tokenizer, ex: Example) -> str:
-    """The prompt text: the base's chat template when it has one, else the Alpaca layout."""
+def sample(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
+    """A seeded subsample of at most `n` examples (all of them, in order, when n is None or larger)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
+
+
+def mixture(tasks: list[Task], per_task: int | None, name: str, seed: int = 0) -> Task:
+    """One task from several: a seeded sample of at most `per_task` examples of each, shuffled together."""
+    examples = [ex for t in tasks for ex in sample(t.examples, per_task, seed)]
+    random.Random(seed).shuffle(examples)
+    return Task(name=name, description="Mixture of " + ", ".join(t.name for t in tasks), examples=examples,
+                format="mixed")
+
+
+def user_text(ex: Example) -> str:
+    """What the user says in the chat prompt: the instruction, then the input."""
     user = ex.instruction.strip()
     if ex.input.strip():
         user = f"{user}\n\n{ex.input.strip()}" if user else ex.input.strip()
+    return user
+
+
+def render_prompt(tokenizer, ex: Example) -> str:
+    """The prompt text: the base's chat template when it has one, else the Alpaca layout."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}],
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_text(ex)}],
                                              add_generation_prompt=True, tokenize=False)
     return ALPACA.format(instruction=ex.instruction.strip(), input=ex.input.strip())
 

@@ -73,7 +73,7 @@ def route_mixed(base, library: Library, held: dict[str, list], per_task: int = 5
     import random
 
     from .routing.api import Router, top_expert
-    from .train import user_text
+    from .data import user_text
 
     mixed = [(name, ex) for name, examples in held.items() for ex in examples[:per_task]]
     random.Random(0).shuffle(mixed)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import AdapterConfig, attach, detach, save_adapter
 from .base import Base
-from .data import IGNORE, DataError, Example, Task, collate, encode, split
+from .data import IGNORE, DataError, Example, Task, collate, encode, split, user_text
 from .forward import forward
 
 DEFAULT_LR = {"lora": 3e-4, "series": 3e-4, "parallel": 3e-4, "prefix": 3e-3}
@@ -72,11 +72,6 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     n = int((labels != IGNORE).sum())
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
     return loss, n
-
-
-def user_text(ex: Example, limit: int = 1000) -> str:
-    text = f"{ex.instruction.strip()}\n\n{ex.input.strip()}".strip()
-    return text[:limit]
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -200,7 +195,7 @@ def train_adapter(base: Base, task: Task, adapter: AdapterConfig, cfg: TrainConf
             "name": out_dir.name, "type": adapter.type, "task": task.name, "description": task.description,
             "data_hash": data_hash, "base_fingerprint": base.fingerprint,
             "train_config": {**asdict(cfg), "lr": lr, "adapter": asdict(adapter)},
-            "samples": [user_text(ex) for ex in train_ex[: cfg.max_samples]],
+            "samples": [user_text(ex)[:1000] for ex in train_ex[: cfg.max_samples]],
             "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "modulora_version": __version__,
         }

@@ -366,3 +366,23 @@ def test_config_validation_and_double_attach(model):
             attach(model, CONFIGS["parallel"])
     finally:
         detach(model)
+
+
+def test_safetensors_header_starting_with_0x80_is_not_taken_for_pickle(model, tmp_path):
+    """A safetensors file whose 8-byte header length has 0x80 as its low byte starts like a pickle;
+    it must still load (it did not: a real series adapter hit this)."""
+    attach(model, AdapterConfig(type="lora", r=2), seed=0)
+    out = save_adapter(model, tmp_path / "a", card={"name": "a", "type": "lora"})
+    detach(model)
+    weights = out / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    for pad in range(400):  # grow the metadata until the header length ends in 0x80
+        save_file(state, str(weights), metadata={"format": "pt", "pad": "x" * pad})
+        if weights.read_bytes()[0] == 0x80:
+            break
+    assert weights.read_bytes()[0] == 0x80
+    _, tensors, _ = read_adapter(out)
+    assert all(torch.equal(tensors[k], state[k]) for k in state)
+    weights.write_bytes(b"\x80\x04junk")  # a real pickle is still refused, with that reason
+    with pytest.raises(AdapterError, match="pickle"):
+        read_adapter(out)

@@ -12,7 +12,7 @@ from modulora.routing.learned import LearnedRouter, train_router
 from modulora.routing.experts import RoutingError
 from modulora.routing.retrieval import RetrievalRouter
 from modulora.tasks import DESCRIPTIONS, GENERATORS, WORDS, make_task
-from modulora.train import user_text
+from modulora.data import user_text
 
 TASKS = sorted(GENERATORS)  # acronym, add, capital, upper
 N_SAMPLES = 32

@@ -118,13 +118,14 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{d} holds pickle weights ({', '.join(pickled)}), which are refused because "
                                f"loading pickle can run code; save them as {WEIGHTS_FILE} (safetensors)")
         raise AdapterError(f"{d} has no {WEIGHTS_FILE}")
-    with open(p, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        raise AdapterError(f"{p} is a pickle/torch.save file, not safetensors; pickle weights are refused")
     try:
         state = load_file(str(p))
-    except Exception as e:  # SafetensorError, header or size problems
+    except Exception as e:  # SafetensorError, header or size problems; never unpickled
+        with open(p, "rb") as f:
+            head = f.read(4)
+        # a safetensors file may start with 0x80 too (a header of 0x..80 bytes), so ask only now
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            raise AdapterError(f"{p} is a pickle/torch.save file, not safetensors; pickle weights are refused") from None
         raise AdapterError(f"{p} is not a valid safetensors file (corrupt or truncated): {e}") from None
     for k, v in state.items():
         if not v.is_floating_point():

@@ -1,0 +1,465 @@
+"""The evaluation harness: methods (a route over a library) scored on tasks, resumably.
+
+    tasks = [prepare_task("data/llm-adapters/boolq/test.json", n=200)]
+    methods = [Method("base"), Method("arrow", route="arrow", top_k=4)]
+    results = evaluate(base, tasks, methods, "runs/eval", library="lib")
+    print(results.markdown())
+
+Every prediction is appended to `<out>/predictions.jsonl` as it is made, so an interrupted run
+continues where it stopped; `results.json`, `results.md`, `accuracy.png` and (for routed methods)
+`routing.png` are written at the end. Everything that can be checked (data, metrics, routes) is
+checked before the model runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import DataError, Example, load_task, sample, split, user_text
+from .metrics import METRICS, _CHOICE, fits, mean
+from .report import table
+
+MAX_NEW_TOKENS = {"number": 256, "letter": 256, "choice": 16, "em": 32, "rougeL": 32}
+
+
+class EvalError(ValueError):
+    """An evaluation cannot run as asked; the message says why (raised before any compute)."""
+
+
+@dataclass
+class EvalTask:
+    name: str
+    examples: list[Example]
+    metrics: list[str]                # the first is the task's main metric
+    max_new_tokens: int
+    loglik: bool = False              # score multiple choice by log-likelihood of each option
+    sources: list[str] | None = None  # per example, the task it comes from (mixed tasks); default: name
+
+    def source(self, i: int) -> str:
+        return self.sources[i] if self.sources else self.name
+
+
+@dataclass
+class Method:
+    """One row of a results table: a route (see `modulora.routing.api`) over a library.
+
+    The route `own` sends each example to the adapter named like the task it comes from (the
+    oracle); `exclude_own` keeps a policy from picking that adapter (out-of-domain routing)."""
+    name: str
+    route: str = "base"
+    library: str | None = None        # library folder; None: the one `evaluate` is given
+    top_k: int = 1
+    mode: str = "mixture"
+    exclude_own: bool = False
+
+
+def auto_metrics(fmt: str, references: list[str]) -> list[str]:
+    """The metrics the papers use for a data format: LLM-Adapters answer extraction (a number, an
+    option word, or an option letter), exact match and ROUGE-L for free-form answers."""
+    if fmt in ("gsm8k",):
+        return ["number"]
+    if fmt in ("hellaswag",):
+        return ["choice"]
+    if fmt in ("flan-cot",):
+        return ["letter"]
+    if fmt == "llm-adapters":
+        for metric in ("number", "choice", "letter"):
+            if fits(metric, references):
+                return [metric]
+    return ["em", "rougeL"]
+
+
+def prepare_task(path: str | os.PathLike, n: int | None = None, seed: int = 0, metric: str = "auto",
+                 holdout: float | None = None, loglik: bool = False, max_new_tokens: int | None = None,
+                 name: str | None = None, positive_examples: int = 0) -> EvalTask:
+    """Read a data file and choose its examples and metric; a metric that does not fit the task's
+    references, or log-likelihood scoring of a task without options, is refused here."""
+    task = load_task(path, positive_examples=positive_examples)
+    examples = task.examples
+    if holdout:
+        examples = split(examples, holdout if holdout < 1 else int(holdout), seed)[1]
+    examples = sample(examples, n, seed)
+    if not examples:
+        raise DataError(f"{path}: no examples to evaluate")
+    refs = [r for ex in examples for r in ex.references]
+    if metric == "auto":
+        metrics = auto_metrics(task.format, refs)
+    else:
+        metrics = [m.strip() for m in metric.split(",")]
+        for m in metrics:
+            if m not in METRICS:
+                raise EvalError(f"unknown metric {m!r}; use one of {', '.join(METRICS)} or auto")
+            if not fits(m, refs):
+                bad = next(r for r in refs if not fits(m, [r]))
+                raise EvalError(f"metric {m!r} does not fit task {task.name}: a reference answer is {bad!r}")
+    if loglik and metrics[0] not in ("choice", "letter"):
+        raise EvalError(f"log-likelihood scoring needs a multiple-choice task; {task.name} is scored by "
+                        f"{metrics[0]!r}")
+    return EvalTask(name=name or task.name, examples=examples, metrics=metrics, loglik=loglik,
+                    max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[metrics[0]])
+
+
+def options_of(ex: Example, metric: str) -> list[str]:
+    """The answer options a multiple-choice prompt offers (for log-likelihood scoring)."""
+    text = user_text(ex)
+    if metric == "letter":
+        found = sorted(set(re.findall(r"\(([A-E])\)|\b([A-E]) \)", text)) - {("", "")})
+        letters = sorted({a or b for a, b in found})
+        return letters or list("ABCDE")
+    found = sorted(set(_CHOICE.findall(text.lower())))
+    if not found or found == ["true"] or found == ["false"]:
+        return ["true", "false"]
+    return found
+
+
+def _continuation(option: str, metric: str) -> str:
+    return f"The answer is ({option})." if metric == "letter" else f"the correct answer is {option}"
+
+
+def check_methods(methods: list[Method], default_library: str | None,
+                  tasks: list[EvalTask] | None = None) -> None:
+    """Every route names adapters its library has, before any compute."""
+    from .library import Library
+    from .routing.api import POLICIES, parse_fixed
+
+    names_seen = set()
+    for m in methods:
+        if m.name in names_seen:
+            raise EvalError(f"two methods are called {m.name!r}")
+        names_seen.add(m.name)
+        if m.route == "base":
+            continue
+        lib_path = m.library or default_library
+        if lib_path is None:
+            raise EvalError(f"method {m.name!r} routes {m.route!r} but no library was given")
+        if not Path(lib_path).exists():
+            raise EvalError(f"method {m.name!r}: library not found: {lib_path}")
+        have = {r.name: r.type for r in Library(lib_path).list()}
+        if m.route in POLICIES:
+            lora = [n for n, t in have.items() if t == "lora"]
+            if not lora:
+                raise EvalError(f"method {m.name!r}: route {m.route!r} needs LoRA adapters; the library at "
+                                f"{lib_path} has none")
+            if m.route != "uniform" and not 1 <= m.top_k <= len(lora):
+                raise EvalError(f"method {m.name!r}: top_k={m.top_k} but the library has {len(lora)} LoRA adapters")
+            continue
+        wanted = ({t.source(i) for t in tasks or [] for i in range(len(t.examples))} if m.route == "own"
+                  else parse_fixed(m.route))
+        for name in sorted(wanted):
+            if name not in have:
+                raise EvalError(f"method {m.name!r}: route names adapter {name!r}, which the library at "
+                                f"{lib_path} does not have (it has: {', '.join(sorted(have)) or 'nothing'})")
+
+
+@dataclass
+class Results:
+    tasks: list[str]
+    methods: list[str]
+    metrics: dict[str, list[str]]                       # task -> metrics
+    scores: dict[str, dict[str, dict[str, float]]]      # method -> task -> metric -> mean
+    routing: dict[str, dict[str, dict[str, float]]]     # method -> task -> expert -> mean weight
+    n: dict[str, int]                                   # task -> examples
+    predictions: list[dict]
+
+    def main(self, method: str, task: str) -> float:
+        return self.scores[method][task][self.metrics[task][0]]
+
+    def average(self, method: str, tasks: list[str] | None = None) -> float:
+        return mean([self.main(method, t) for t in (tasks or self.tasks)])
+
+    def markdown(self, metric_index: int = 0) -> str:
+        """Methods as rows, tasks as columns (each its main metric, or its `metric_index`-th), and the average."""
+        def pick(t):
+            ms = self.metrics[t]
+            return ms[min(metric_index, len(ms) - 1)]
+        headers = ["method"] + [f"{t} ({pick(t)})" for t in self.tasks] + ["average"]
+        rows = []
+        for m in self.methods:
+            vals = [100 * self.scores[m][t][pick(t)] for t in self.tasks]
+            rows.append([m] + [f"{v:.1f}" for v in vals] + [f"{mean(vals):.1f}"])
+        return table(headers, rows)
+
+
+def _key(method: str, task: str, ex_id: str) -> str:
+    return f"{method}\x1f{task}\x1f{ex_id}"
+
+
+def _load_done(path: Path) -> dict[str, dict]:
+    done = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: that prediction is made again
+                done[_key(rec["method"], rec["task"], rec["id"])] = rec
+    return done
+
+
+def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | os.PathLike,
+             library: str | None = None, batch_size: int = 16, progress: bool = True,
+             plots: bool = True) -> Results:
+    """Score every method on every task; resumes from `<out_dir>/predictions.jsonl`."""
+    from .library import Library
+    from .routing.api import Router
+
+    if not tasks:
+        raise EvalError("no tasks to evaluate")
+    if not methods:
+        raise EvalError("no methods to evaluate")
+    if len({t.name for t in tasks}) != len(tasks):
+        raise EvalError("two tasks have the same name; give them distinct names")
+    check_methods(methods, library, tasks)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, tasks, methods, library)
+    pred_path = out / "predictions.jsonl"
+    done = _load_done(pred_path)
+    routers: dict[str, Router] = {}
+
+    def router_for(m: Method) -> Router:
+        lib = m.library or library or ""
+        if lib not in routers:
+            routers[lib] = Router(base, Library(lib) if lib else _EmptyLibrary())
+        return routers[lib]
+
+    todo = [(m, t, ex) for m in methods for t in tasks for ex in t.examples
+            if _key(m.name, t.name, ex.id) not in done]
+    bar = tqdm(total=len(todo), desc="eval", unit="ex", disable=not progress, dynamic_ncols=True,
+               initial=0, mininterval=0.5)
+    with open(pred_path, "a", encoding="utf-8") as sink:
+        for m in methods:
+            for t in tasks:
+                pending = [i for i, ex in enumerate(t.examples) if _key(m.name, t.name, ex.id) not in done]
+                step = max(1, batch_size // 4) if t.loglik else batch_size
+                for s in range(0, len(pending), step):
+                    chunk = pending[s:s + step]
+                    bar.set_postfix(method=m.name, task=t.name[:24])
+                    for rec in _run_chunk(router_for(m), m, t, chunk, batch_size):
+                        done[_key(m.name, t.name, rec["id"])] = rec
+                        sink.write(json.dumps(rec) + "\n")
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    bar.update(len(chunk))
+    bar.close()
+    results = _collect(tasks, methods, done)
+    write_results(results, out, plots=plots, config={"methods": [asdict(m) for m in methods],
+                                                      "library": library, "batch_size": batch_size})
+    return results
+
+
+def _check_settings(out: Path, tasks: list[EvalTask], methods: list[Method], library: str | None) -> None:
+    """A results folder resumes only the same settings: a method or task of the same name that was
+    run differently there is refused (new methods and tasks are welcome)."""
+    path = out / "settings.json"
+    new = {"methods": {m.name: {**asdict(m), "library": str(m.library or library or "")} for m in methods},
+           "tasks": {t.name: {"metrics": t.metrics, "max_new_tokens": t.max_new_tokens, "loglik": t.loglik,
+                              "ids": [ex.id for ex in t.examples]} for t in tasks}}
+    old = json.loads(path.read_text()) if path.exists() else {"methods": {}, "tasks": {}}
+    for kind in ("methods", "tasks"):
+        for name, settings in new[kind].items():
+            if name in old[kind] and old[kind][name] != json.loads(json.dumps(settings)):
+                raise EvalError(f"{out} holds results of {kind[:-1]} {name!r} run with other settings; "
+                                "use another output folder, or remove that one")
+            old[kind][name] = settings
+    _atomic_write(path, json.dumps(old, indent=1))
+
+
+class _EmptyLibrary:
+    """Stands in for a library where every method is `base`."""
+
+    root = Path(".")
+
+    def list(self):
+        return []
+
+    def latest_object_ids(self):
+        return {}
+
+
+def _run_chunk(router, m: Method, t: EvalTask, rows: list[int], batch_size: int) -> list[dict]:
+    chunk = [t.examples[i] for i in rows]
+    prompts = [user_text(ex) for ex in chunk]
+    routes = [t.source(i) if m.route == "own" else m.route for i in rows]
+    exclude = [[t.source(i)] for i in rows] if m.exclude_own else None
+    metric = t.metrics[0]
+    if t.loglik:
+        from .routing.score import continuation_logprobs
+
+        options = [options_of(ex, metric) for ex in chunk]
+        conts = [[_continuation(o, metric) for o in opts] for opts in options]
+        lps = continuation_logprobs(router, prompts, conts, routes, top_k=m.top_k, mode=m.mode,
+                                    batch_size=batch_size, exclude=exclude)
+        texts = [_continuation(opts[max(range(len(lp)), key=lp.__getitem__)], metric)
+                 for opts, lp in zip(options, lps)]
+        experts = [{} for _ in chunk]
+        if m.route != "base":  # which experts the route picks, for the heatmap (one cheap pass)
+            experts = [a.experts for a in router.answer(prompts, routes, top_k=m.top_k, mode=m.mode,
+                                                        max_new_tokens=0, batch_size=batch_size,
+                                                        exclude=exclude)]
+    else:
+        answers = router.answer(prompts, routes, top_k=m.top_k, mode=m.mode, max_new_tokens=t.max_new_tokens,
+                                batch_size=batch_size, exclude=exclude)
+        texts, experts = [a.text for a in answers], [a.experts for a in answers]
+    recs = []
+    for i, ex, text, exp in zip(rows, chunk, texts, experts):
+        recs.append({"method": m.name, "task": t.name, "source": t.source(i), "id": ex.id, "prediction": text,
+                     "references": ex.references[:5],
+                     "scores": {k: METRICS[k](text, ex.references) for k in t.metrics},
+                     "experts": {k: round(float(v), 4) for k, v in exp.items()}})
+    return recs
+
+
+def _collect(tasks: list[EvalTask], methods: list[Method], done: dict[str, dict]) -> Results:
+    scores, routing, preds = {}, {}, []
+    for m in methods:
+        scores[m.name], routing[m.name] = {}, {}
+        for t in tasks:
+            recs = [done[_key(m.name, t.name, ex.id)] for ex in t.examples]
+            preds.extend(recs)
+            scores[m.name][t.name] = {k: mean([r["scores"][k] for r in recs]) for k in t.metrics}
+            weights: dict[str, float] = {}
+            for r in recs:
+                for e, w in r["experts"].items():
+                    weights[e] = weights.get(e, 0.0) + w / len(recs)
+            routing[m.name][t.name] = weights
+    return Results(tasks=[t.name for t in tasks], methods=[m.name for m in methods],
+                   metrics={t.name: t.metrics for t in tasks}, scores=scores, routing=routing,
+                   n={t.name: len(t.examples) for t in tasks}, predictions=preds)
+
+
+def write_results(results: Results, out: Path, plots: bool = True, config: dict | None = None) -> None:
+    """results.json (every prediction), results.md, and the plots, written atomically."""
+    data = {"config": config or {}, "tasks": results.tasks, "methods": results.methods, "metrics": results.metrics,
+            "n": results.n, "scores": results.scores,
+            "average": {m: results.average(m) for m in results.methods},
+            "routing": results.routing, "predictions": results.predictions}
+    _atomic_write(out / "results.json", json.dumps(data, indent=1))
+    md = ["# Evaluation results", "", "Scores in %, each task by its main metric; n per task: " +
+          ", ".join(f"{t} {n}" for t, n in results.n.items()), "", results.markdown()]
+    if any(len(ms) > 1 for ms in results.metrics.values()):
+        md += ["", "Second metric (ROUGE-L where the first is exact match):", "", results.markdown(1)]
+    _atomic_write(out / "results.md", "\n".join(md) + "\n")
+    if plots:
+        plot_scores(results, out / "accuracy.png")
+        if any(results.routing[m][t] for m in results.methods for t in results.tasks):
+            plot_routing(results, out / "routing.png")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_scores(results: Results, path: Path, title: str = "Score by method (main metric, %)") -> Path:
+    """Grouped bars: one group per task plus the average, one bar per method."""
+    from matplotlib.figure import Figure
+
+    groups = results.tasks + ["average"]
+    n_m = len(results.methods)
+    fig = Figure(figsize=(max(6.0, 0.5 * len(groups) * max(n_m, 2) * 0.45 + 3), 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(n_m, 1)
+    for j, m in enumerate(results.methods):
+        vals = [100 * results.main(m, t) for t in results.tasks] + [100 * results.average(m)]
+        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([g[:28] for g in groups], rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_routing(results: Results, path: Path) -> Path:
+    """Heatmaps, one per routed method: task by expert, the mean routing weight."""
+    from matplotlib.figure import Figure
+
+    routed = [m for m in results.methods if any(results.routing[m][t] for t in results.tasks)]
+    experts = sorted({e for m in routed for t in results.tasks for e in results.routing[m][t]})
+    cols = min(3, len(routed))
+    rows = (len(routed) + cols - 1) // cols
+    cell_w = max(4.0, 0.3 * len(experts) + 2.5)
+    fig = Figure(figsize=(cell_w * cols, (0.3 * len(results.tasks) + 2.2) * rows))
+    for k, m in enumerate(routed):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        grid = [[results.routing[m][t].get(e, 0.0) for e in experts] for t in results.tasks]
+        im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(range(len(experts)))
+        ax.set_xticklabels([e[:20] for e in experts], rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(len(results.tasks)))
+        ax.set_yticklabels([t[:28] for t in results.tasks], fontsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.suptitle("Mean routing weight (task by expert)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def task_files(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(task name, file) for a data file, a folder of task files, or a folder of LLM-Adapters sets
+    (`<set>/test.json`, named by the set)."""
+    from .build import BuildError, find_task_files
+
+    p = Path(path)
+    if p.is_file():
+        return [(load_task_name(p), p)]
+    if not p.is_dir():
+        raise DataError(f"data not found: {p}")
+    sets = sorted(d for d in p.iterdir() if (d / "test.json").is_file())
+    if sets:
+        return [(d.name, d / "test.json") for d in sets]
+    try:
+        return find_task_files(p)
+    except BuildError as e:
+        raise DataError(str(e)) from None
+
+
+def load_task_name(path: Path) -> str:
+    """A task's name from its file: the LLM-Adapters set for `<set>/test.json`, else the file name."""
+    name = path.name.split(".")[0]
+    return path.parent.name if name in ("train", "test") else name
+
+
+def mixed_task(tasks: list[EvalTask], name: str = "mixed", seed: int = 0) -> EvalTask:
+    """One task whose examples come from several (shuffled, so that batches mix them); each keeps
+    its source task, and ids become `<task>/<id>`. The tasks must share their metrics."""
+    if not tasks:
+        raise EvalError("no tasks to mix")
+    if len({tuple(t.metrics) for t in tasks}) != 1 or len({t.loglik for t in tasks}) != 1:
+        raise EvalError("tasks mixed into one must share their metrics and scoring")
+    rows = [(t.name, Example(ex.instruction, ex.input, ex.output, ex.references, f"{t.name}/{ex.id}"))
+            for t in tasks for ex in t.examples]
+    random.Random(seed).shuffle(rows)
+    return EvalTask(name=name, examples=[ex for _, ex in rows], metrics=list(tasks[0].metrics),
+                    max_new_tokens=max(t.max_new_tokens for t in tasks), loglik=tasks[0].loglik,
+                    sources=[s for s, _ in rows])
+
+
+def by_source(results: Results, method: str, task: str, metric: str | None = None) -> dict[str, float]:
+    """A mixed task's score per source task (the main metric unless `metric`)."""
+    metric = metric or results.metrics[task][0]
+    per: dict[str, list[float]] = {}
+    for r in results.predictions:
+        if r["method"] == method and r["task"] == task:
+            per.setdefault(r["source"], []).append(r["scores"][metric])
+    return {s: mean(v) for s, v in sorted(per.items())}
+
+
+def right_expert_rate(results: Results, method: str, task: str) -> float:
+    """How often the expert with the largest weight is the one named like the example's source task."""
+    recs = [r for r in results.predictions if r["method"] == method and r["task"] == task]
+    hits = [bool(r["experts"]) and max(r["experts"], key=r["experts"].get) == r["source"] for r in recs]
+    return mean([float(h) for h in hits])

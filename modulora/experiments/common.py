@@ -1,0 +1,209 @@
+"""What the four experiments share: their settings (quick on the tiny model, full on SmolLM2),
+the data folder, training with reuse, the library of SNI experts, and the report they write."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..adapters import AdapterConfig
+from ..data import DataError
+from ..train import TrainConfig
+
+# Experiment 2-4's library: 16 short-answer SNI tasks (country facts, lexical relations, arithmetic,
+# classification, extraction, QA), and 8 held-out tasks that no library expert sees, each with a
+# relative in the library (another country fact, a lexical relation, an extraction, ...).
+LIBRARY_TASKS = [
+    "task1146_country_capital", "task1314_country_abbreviation", "task1317_country_calling_code",
+    "task1320_country_domain_tld", "task1508_wordnet_antonyms", "task094_conala_calculate_mean",
+    "task861_asdiv_addsub_question_answering", "task868_mawps_singleop_question_answering",
+    "task1289_trec_classification", "task1447_drug_extraction_ade",
+    "task1452_location_entity_extraction_btc_corpus", "task033_winogrande_answer_generation",
+    "task591_sciq_answer_generation", "task1413_dart_object_identification",
+    "task922_event2mind_word_generation", "task898_freebase_qa_answer_generation",
+]
+HELD_OUT_TASKS = [
+    "task1425_country_iso_numeric", "task1582_bless_hypernym_generation",
+    "task862_asdiv_multidiv_question_answering", "task1411_dart_subject_identification",
+    "task1479_organization_entity_extraction_btc_corpus", "task1483_chemical_extraction_chemprot_dataset",
+    "task924_event2mind_word_generation", "task1293_kilt_tasks_hotpotqa_question_answering",
+]
+HOLDOUT = 0.1  # share of every SNI task kept out of training; evaluation draws from it
+
+
+@dataclass
+class Settings:
+    """Sizes of one mode; `quick` runs the whole pipeline on the tiny model in about a minute."""
+    base: str | None          # None: the bundled SmolLM2-135M-Instruct
+    library_tasks: int
+    held_out_tasks: int
+    steps: int                # training steps of each SNI expert
+    mbc_steps: int            # steps of each MBC cluster adapter
+    clusters: int
+    batch_size: int
+    max_length: int
+    n_eval: int               # evaluation examples per held-out task (experiment 2)
+    n_mixed: int              # evaluation examples per library task (experiments 3 and 4)
+    continual_tasks: int
+    family_steps: int         # experiment 1: steps per adapter
+    family_per_source: int    # experiment 1: training examples per source data set
+    family_n_eval: int        # experiment 1: test examples per set
+    family_max_length: int    # experiment 1: tokens per training example (math rationales are long)
+    math_new_tokens: int
+
+    def train_config(self, steps: int | None = None, max_length: int | None = None) -> TrainConfig:
+        return TrainConfig(steps=steps or self.steps, batch_size=self.batch_size,
+                           max_length=max_length or self.max_length, holdout=HOLDOUT, seed=0, max_samples=50)
+
+
+QUICK = Settings(base="tiny", library_tasks=4, held_out_tasks=2, steps=3, mbc_steps=3, clusters=2, batch_size=4,
+                 max_length=96, n_eval=6, n_mixed=4, continual_tasks=3, family_steps=2, family_per_source=8,
+                 family_n_eval=4, family_max_length=128, math_new_tokens=8)
+FULL = Settings(base=None, library_tasks=16, held_out_tasks=8, steps=40, mbc_steps=80, clusters=4, batch_size=8,
+                max_length=160, n_eval=50, n_mixed=25, continual_tasks=5, family_steps=150, family_per_source=1000,
+                family_n_eval=200, family_max_length=320, math_new_tokens=192)
+
+
+@dataclass
+class Context:
+    name: str                 # the experiment
+    settings: Settings
+    quick: bool
+    data: Path                # the shared data folder
+    work: Path                # trained adapters, libraries, raw evaluation (resumable)
+    results: Path             # report, tables and plots
+    command: str
+    _base: object = None
+
+    @property
+    def base(self):
+        if self._base is None:
+            from ..base import load_base
+
+            self._base = load_base(self.settings.base)
+        return self._base
+
+    def data_file(self, rel: str) -> Path:
+        p = self.data / rel
+        if not p.is_file():
+            raise DataError(f"{p} not found: --data must be the shared data folder (see its README): "
+                            "llm-adapters/, gsm8k/, flan-cot/, sni/, hellaswag/")
+        return p
+
+    def sni(self, task: str) -> Path:
+        return self.data_file(f"sni/{task}.json")
+
+
+def make_context(name: str, data: str | None, work: str | None, results: str | None, quick: bool,
+                 argv: list[str]) -> Context:
+    """Paths checked before anything runs; quick runs write their report into the work folder."""
+    given = data or os.environ.get("MODULORA_DATA")
+    if not given or not Path(given).is_dir():
+        raise DataError("the experiments need the shared data folder: pass --data DIR (or set MODULORA_DATA); "
+                        f"{given or 'none was given'}{' is not a folder' if given else ''}")
+    data_dir = Path(given)
+    mode = "quick" if quick else "full"
+    work_dir = Path(work or Path("runs") / "experiments") / mode
+    results_dir = Path(results) if results else (work_dir / "results" / name if quick else
+                                                  Path("experiments") / "results" / name)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    return Context(name=name, settings=QUICK if quick else FULL, quick=quick, data=data_dir, work=work_dir,
+                   results=results_dir, command="modulora " + " ".join(argv))
+
+
+def sni_task_names(ctx: Context) -> tuple[list[str], list[str]]:
+    s = ctx.settings
+    return LIBRARY_TASKS[: s.library_tasks], HELD_OUT_TASKS[: s.held_out_tasks]
+
+
+def sni_library(ctx: Context, progress: bool = True) -> tuple[Path, Path]:
+    """The private library of SNI experts (one LoRA per library task), built once and shared by
+    experiments 2-4: (library folder, build folder with `adapters/<task>`)."""
+    from ..build import build_library
+    from ..library import Library
+
+    names, _ = sni_task_names(ctx)
+    files = ctx.work / "sni-tasks"
+    files.mkdir(exist_ok=True)
+    for n in names:
+        link = files / f"{n}.json"
+        if not link.exists():
+            link.symlink_to(ctx.sni(n).resolve())
+    build = ctx.work / "sni-private"
+    lib = ctx.work / "lib-private"
+    build_library(ctx.base, files, build, Library(lib), mode="private", train=ctx.settings.train_config(),
+                  adapter=AdapterConfig(), progress=progress)
+    return lib, build
+
+
+def train_one(ctx: Context, task, out: Path, adapter: AdapterConfig | None = None, steps: int | None = None,
+              progress: bool = True, max_length: int | None = None) -> Path:
+    """Train (or reuse, when `out` already holds the same training) one adapter on a Task."""
+    from ..build import train_or_reuse
+
+    adapter = adapter or AdapterConfig()
+    digest = hashlib.sha256("\n".join(f"{ex.instruction}\0{ex.input}\0{ex.output}" for ex in task.examples)
+                            .encode()).hexdigest()
+    train_or_reuse(ctx.base, task, adapter, ctx.settings.train_config(steps, max_length), out, digest, progress)
+    return out
+
+
+def add(ctx: Context, library: Path, name: str, path: Path) -> None:
+    from ..build import add_if_new
+    from ..library import Library
+
+    add_if_new(Library(library), name, path, ctx.base.fingerprint)
+
+
+def environment() -> str:
+    """Versions and hardware, for the report."""
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"modulora {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {sys.version.split()[0]}; {cpu}, {os.cpu_count()} cores, {gpu}; "
+            f"torch threads {torch.get_num_threads()}")
+
+
+def write_report(ctx: Context, title: str, body: list[str]) -> Path:
+    """`README.md` in the results folder: the command, mode, settings, environment, then the body."""
+    s = dataclasses.asdict(ctx.settings)
+    lines = [f"# {title}", "",
+             f"Command: `{ctx.command}`  ",
+             f"Mode: {'quick (tiny random model: checks the pipeline, the numbers mean nothing)' if ctx.quick else 'full'}"
+             f"  \nFinished: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ",
+             f"Environment: {environment()}  ",
+             f"Settings: `{json.dumps(s)}`", "", *body, ""]
+    path = ctx.results / "README.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    if src.exists():
+        dst.write_bytes(src.read_bytes())
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**not met**"

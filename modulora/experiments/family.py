@@ -1,0 +1,76 @@
+"""Experiment 1, the adapter family (LLM-Adapters protocol, Hu et al. 2023).
+
+LoRA, series, parallel and prefix adapters trained on a math mixture (GSM8K train + FLAN AQuA
+chain of thought) and on a commonsense mixture (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA train
+sets + the SNI WinoGrande and PIQA tasks), scored on the LLM-Adapters test sets with the paper's
+answer extraction, the base model as a row.
+"""
+
+from __future__ import annotations
+
+from ..adapters import AdapterConfig
+from ..data import load_task, mixture
+from ..evaluate import Method, evaluate, prepare_task
+from .common import Context, add, met, train_one, write_report
+
+MATH_TRAIN = ["gsm8k/train.jsonl", "flan-cot/aqua_train.tsv"]
+CS_TRAIN = ["llm-adapters/boolq/train.json", "llm-adapters/ARC-Easy/train.json",
+            "llm-adapters/ARC-Challenge/train.json", "llm-adapters/openbookqa/train.json",
+            "sni/task033_winogrande_answer_generation.json", "sni/task080_piqa_answer_generation.json"]
+MATH_TEST = ["gsm8k", "AQuA", "AddSub", "MultiArith", "SingleEq", "SVAMP"]
+CS_TEST = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+TYPES = {"lora": "LoRA", "series": "Series", "parallel": "Parallel", "prefix": "Prefix"}
+
+
+def run(ctx: Context, progress: bool = True) -> dict:
+    s = ctx.settings
+    domains = {"math": (MATH_TRAIN, MATH_TEST), "commonsense": (CS_TRAIN, CS_TEST)}
+    tests = {}
+    for domain, (_, test_sets) in domains.items():  # every file is read and checked before training
+        tests[domain] = [
+            prepare_task(ctx.data_file("hellaswag/hellaswag_val_full.txt.bz2") if t == "hellaswag"
+                         else ctx.data_file(f"llm-adapters/{t}/test.json"), n=s.family_n_eval, seed=0, name=t,
+                         max_new_tokens=s.math_new_tokens if domain == "math" else None)
+            for t in test_sets]
+    train = {d: mixture([load_task(ctx.data_file(f)) for f in files], s.family_per_source, f"{d}-mixture")
+             for d, (files, _) in domains.items()}
+    lib = ctx.work / "lib-family"
+    for domain, task in train.items():
+        for kind in TYPES:
+            out = train_one(ctx, task, ctx.work / "family" / f"{domain}-{kind}", AdapterConfig(type=kind),
+                            steps=s.family_steps, progress=progress, max_length=s.family_max_length)
+            add(ctx, lib, f"{domain}-{kind}", out)
+    body, verdicts, summary = [], [], {}
+    for domain in domains:
+        methods = [Method("base")] + [Method(label, f"{domain}-{kind}", str(lib)) for kind, label in TYPES.items()]
+        res = evaluate(ctx.base, tests[domain], methods, ctx.work / f"eval-family-{domain}", batch_size=16,
+                       progress=progress)
+        for f, dst in (("results.json", f"{domain}-results.json"), ("accuracy.png", f"{domain}.png")):
+            src = ctx.work / f"eval-family-{domain}" / f
+            if src.exists():
+                (ctx.results / dst).write_bytes(src.read_bytes())
+        avg = {m.name: 100 * res.average(m.name) for m in methods}
+        summary[domain] = avg
+        beat = all(avg[label] > avg["base"] for label in TYPES.values())
+        verdicts.append(f"{domain}: every adapter type beats the base on average -> {met(beat)} "
+                        f"(base {avg['base']:.1f}; " + ", ".join(f"{lab} {avg[lab]:.1f}" for lab in TYPES.values()) + ")")
+        headers = ["model"] + res.tasks + ["avg"]
+        rows = [[m] + [f"{100 * res.main(m, t):.1f}" for t in res.tasks] + [f"{avg[m]:.1f}"] for m in res.methods]
+        body += [f"## {domain.capitalize()} (accuracy %)", "",
+                 "| " + " | ".join(headers) + " |", "|---" * len(headers) + "|",
+                 *["| " + " | ".join(r) + " |" for r in rows], "", f"![{domain}]({domain}.png)", ""]
+    intro = [
+        f"Training: math mixture = GSM8K train + FLAN AQuA CoT; commonsense mixture = BoolQ, ARC-Easy, "
+        f"ARC-Challenge, OpenBookQA train + SNI WinoGrande (task033) and PIQA (task080); a seeded sample of at most "
+        f"{s.family_per_source} examples per source, {s.family_steps} steps of {s.batch_size}, max length "
+        f"{s.family_max_length}; adapters at their defaults (LoRA rank 8 on all linear layers, series/parallel "
+        "bottleneck 64, prefix 16 tokens).",
+        f"Test: a seeded sample of {s.family_n_eval} per LLM-Adapters test set (the whole set when smaller; "
+        "HellaSwag from its validation file), greedy decoding, answers extracted as in the paper: the last number "
+        "for arithmetic (within 0.001), the option letter for AQuA, the first option word for multiple choice; "
+        f"at most {s.math_new_tokens} new tokens for math, 16 for multiple choice.", "",
+        "Targets: " + "; ".join(verdicts), "",
+    ]
+    write_report(ctx, "Experiment 1: the adapter family on math and commonsense", intro + body)
+    return summary
+
