@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, adapter_state, attach, detach, read_adapter
 from .data import Task, file_hash, load_task
+from .report import write_text_atomic
 from .train import DEFAULT_LR, TrainConfig, train_adapter
 
 MODES = ("private", "mbc")
@@ -104,9 +105,7 @@ def _update_card(out: Path, extra: dict) -> None:
     path = out / "card.json"
     card = json.loads(path.read_text())
     card.update(extra)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(card, indent=2, default=str))
 
 
 def add_if_new(library, name: str, out: Path, fingerprint: dict) -> tuple[int | None, bool]:

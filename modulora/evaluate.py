@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, Example, load_task, sample, split, user_text
 from .metrics import METRICS, _CHOICE, fits, mean
-from .report import table
+from .report import table, write_text_atomic
 
 MAX_NEW_TOKENS = {"number": 256, "letter": 256, "choice": 16, "em": 32, "rougeL": 32}
 
@@ -270,7 +270,7 @@ def _check_settings(out: Path, tasks: list[EvalTask], methods: list[Method], lib
                 raise EvalError(f"{out} holds results of {kind[:-1]} {name!r} run with other settings; "
                                 "use another output folder, or remove that one")
             old[kind][name] = settings
-    _atomic_write(path, json.dumps(old, indent=1))
+    write_text_atomic(path, json.dumps(old, indent=1))
 
 
 class _EmptyLibrary:
@@ -342,22 +342,16 @@ def write_results(results: Results, out: Path, plots: bool = True, config: dict 
             "n": results.n, "scores": results.scores,
             "average": {m: results.average(m) for m in results.methods},
             "routing": results.routing, "predictions": results.predictions}
-    _atomic_write(out / "results.json", json.dumps(data, indent=1))
+    write_text_atomic(out / "results.json", json.dumps(data, indent=1))
     md = ["# Evaluation results", "", "Scores in %, each task by its main metric; n per task: " +
           ", ".join(f"{t} {n}" for t, n in results.n.items()), "", results.markdown()]
     if any(len(ms) > 1 for ms in results.metrics.values()):
         md += ["", "Second metric (ROUGE-L where the first is exact match):", "", results.markdown(1)]
-    _atomic_write(out / "results.md", "\n".join(md) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(md) + "\n")
     if plots:
         plot_scores(results, out / "accuracy.png")
         if any(results.routing[m][t] for m in results.methods for t in results.tasks):
             plot_routing(results, out / "routing.png")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def plot_scores(results: Results, path: Path, title: str = "Score by method (main metric, %)") -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table whose columns are padded to line up in a terminal."""
@@ -16,3 +19,12 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value).replace("\n", " ").replace("|", "/")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..adapters import AdapterConfig
 from ..data import DataError
+from ..report import write_text_atomic
 from ..train import TrainConfig
 
 # Experiment 2-4's library: 16 short-answer SNI tasks (country facts, lexical relations, arithmetic,
@@ -67,7 +68,7 @@ QUICK = Settings(base="tiny", library_tasks=4, held_out_tasks=2, steps=3, mbc_st
                  max_length=96, n_eval=6, n_mixed=4, continual_tasks=3, family_steps=2, family_per_source=8,
                  family_n_eval=4, family_max_length=128, math_new_tokens=8)
 FULL = Settings(base=None, library_tasks=16, held_out_tasks=8, steps=40, mbc_steps=80, clusters=4, batch_size=8,
-                max_length=160, n_eval=50, n_mixed=25, continual_tasks=5, family_steps=150, family_per_source=1000,
+                max_length=160, n_eval=50, n_mixed=25, continual_tasks=5, family_steps=100, family_per_source=1000,
                 family_n_eval=200, family_max_length=320, math_new_tokens=192)
 
 
@@ -193,16 +194,14 @@ def write_report(ctx: Context, title: str, body: list[str]) -> Path:
              f"  \nFinished: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ",
              f"Environment: {environment()}  ",
              f"Settings: `{json.dumps(s)}`", "", *body, ""]
-    path = ctx.results / "README.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(ctx.results / "README.md", "\n".join(lines))
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    if src.exists():
-        dst.write_bytes(src.read_bytes())
+def publish(ctx: Context, src_dir: Path, files: dict[str, str]) -> None:
+    """Copy result files (name in src_dir -> name in the report folder) that exist."""
+    for name, dst in files.items():
+        if (src_dir / name).exists():
+            (ctx.results / dst).write_bytes((src_dir / name).read_bytes())
 
 
 def met(ok: bool) -> str:

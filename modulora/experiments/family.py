@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..adapters import AdapterConfig
 from ..data import load_task, mixture
 from ..evaluate import Method, evaluate, prepare_task
-from .common import Context, add, met, train_one, write_report
+from .common import Context, add, met, publish, train_one, write_report
 
 MATH_TRAIN = ["gsm8k/train.jsonl", "flan-cot/aqua_train.tsv"]
 CS_TRAIN = ["llm-adapters/boolq/train.json", "llm-adapters/ARC-Easy/train.json",
@@ -45,10 +45,8 @@ def run(ctx: Context, progress: bool = True) -> dict:
         methods = [Method("base")] + [Method(label, f"{domain}-{kind}", str(lib)) for kind, label in TYPES.items()]
         res = evaluate(ctx.base, tests[domain], methods, ctx.work / f"eval-family-{domain}", batch_size=16,
                        progress=progress)
-        for f, dst in (("results.json", f"{domain}-results.json"), ("accuracy.png", f"{domain}.png")):
-            src = ctx.work / f"eval-family-{domain}" / f
-            if src.exists():
-                (ctx.results / dst).write_bytes(src.read_bytes())
+        publish(ctx, ctx.work / f"eval-family-{domain}", {"results.json": f"{domain}-results.json",
+                                                           "accuracy.png": f"{domain}.png"})
         avg = {m.name: 100 * res.average(m.name) for m in methods}
         summary[domain] = avg
         beat = all(avg[label] > avg["base"] for label in TYPES.values())

@@ -8,7 +8,7 @@ how often retrieval ranks the request's own expert first, and the routed score a
 from __future__ import annotations
 
 from ..evaluate import Method, by_source, evaluate, mixed_task, prepare_task, right_expert_rate
-from .common import HOLDOUT, Context, met, sni_library, sni_task_names, write_report
+from .common import HOLDOUT, Context, met, publish, sni_library, sni_task_names, write_report
 
 
 def run(ctx: Context, progress: bool = True) -> dict:
@@ -29,10 +29,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
         Method(f"OOD retrieval top-{k} mixture", "retrieval", str(lib), top_k=k, exclude_own=True),
     ]
     res = evaluate(ctx.base, [mixed], methods, ctx.work / "eval-mixed", batch_size=16, progress=progress)
-    for f in ("results.json", "routing.png"):
-        src = ctx.work / "eval-mixed" / f
-        if src.exists():
-            (ctx.results / f).write_bytes(src.read_bytes())
+    publish(ctx, ctx.work / "eval-mixed", {"results.json": "results.json", "routing.png": "routing.png"})
     oracle = 100 * res.main(methods[1].name, "mixed")
     rows, per_task = [], {}
     for m in methods:

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..adapters import AdapterConfig
 from ..data import load_task
 from ..evaluate import Method, evaluate, prepare_task
-from .common import HOLDOUT, Context, add, met, sni_library, sni_task_names, train_one, write_report
+from .common import HOLDOUT, Context, add, met, publish, sni_library, sni_task_names, train_one, write_report
 
 
 def merged_library(ctx: Context, private_lib: Path) -> Path:
@@ -79,13 +79,9 @@ def run(ctx: Context, progress: bool = True) -> dict:
         Method("oracle", "own", str(oracle_lib)),
     ]
     res = evaluate(ctx.base, tasks, methods, ctx.work / "eval-zeroshot", batch_size=16, progress=progress)
-    for f in ("results.md", "results.json", "accuracy.png", "routing.png"):
-        src = ctx.work / "eval-zeroshot" / f
-        if src.exists():
-            (ctx.results / f).write_bytes(src.read_bytes())
-    clustering = mbc_out / "similarity.png"
-    if clustering.exists():
-        (ctx.results / "mbc-similarity.png").write_bytes(clustering.read_bytes())
+    publish(ctx, ctx.work / "eval-zeroshot", {f: f for f in ("results.md", "results.json", "accuracy.png",
+                                                                "routing.png")})
+    publish(ctx, mbc_out, {"similarity.png": "mbc-similarity.png"})
     avg = {m.name: 100 * res.average(m.name) for m in methods}
     rouge = {m.name: 100 * sum(res.scores[m.name][t]["rougeL"] for t in res.tasks) / len(res.tasks) for m in methods}
     arrow, retrieval = methods[4].name, methods[5].name
