@@ -34,7 +34,7 @@ import httpx
 from modulora.library import Library
 from modulora.report import table
 from modulora.tasks import make_task
-from modulora.train import user_text
+from modulora.data import user_text
 
 TASK_OF = {"capital": "capital", "capital2": "capital", "add": "add", "upper": "upper", "acronym": "acronym"}
 
@@ -65,10 +65,16 @@ def metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     out = {}
     for key in ("modulora_batch_size_sum", "modulora_batch_size_count", "modulora_generated_tokens_total",
-                "modulora_batches_total"):
+                "modulora_batches_total", "modulora_decode_batch_size_sum", "modulora_decode_batch_size_count"):
         m = re.search(rf"^{key} (\S+)$", text, re.M)
         out[key] = float(m.group(1)) if m else 0.0
     return out
+
+
+def delta_mean(before: dict, after: dict, name: str) -> float:
+    """The mean of histogram `name` over the observations between two /metrics reads."""
+    n = after[f"{name}_count"] - before[f"{name}_count"]
+    return (after[f"{name}_sum"] - before[f"{name}_sum"]) / n if n else 0.0
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -130,13 +136,14 @@ def throughput(url, names, prompts, levels, seconds, max_tokens):
         lat = [x for c in clients for x in c.latencies]
         fails = sum(len(c.failures) for c in clients)
         tokens = sum(c.tokens for c in clients)
-        dcount = after["modulora_batch_size_count"] - before["modulora_batch_size_count"]
-        mean_batch = (after["modulora_batch_size_sum"] - before["modulora_batch_size_sum"]) / dcount if dcount else 0
+        mean_rows = delta_mean(before, after, "modulora_decode_batch_size")
+        mean_join = delta_mean(before, after, "modulora_batch_size")
         rps[n] = len(lat) / wall
         tps[n] = tokens / wall
         rows.append([str(n), ", ".join(sorted({c.model for c in clients})), str(len(lat)), str(fails),
                      f"{wall:.1f}", f"{len(lat) / wall:.2f}", f"{tokens / wall:.1f}", f"{pct(lat, 0.5):.2f}",
-                     f"{pct(lat, 0.95):.2f}", f"{mean_batch:.2f}", f"{tokens / max(1, len(lat)):.1f}"])
+                     f"{pct(lat, 0.95):.2f}", f"{mean_rows:.2f}", f"{mean_join:.2f}",
+                     f"{tokens / max(1, len(lat)):.1f}"])
         print(rows[-1], flush=True)
         for c in clients:
             for f in c.failures[:3]:
@@ -385,11 +392,12 @@ def main() -> None:
         f"{args.max_tokens}, greedy, short prompts of the demo tasks (the adapter's own task); client i asks "
         f"for adapter i mod {len(names)}, and loops for {args.seconds:.0f} s per level (requests in flight at "
         f"the end are awaited and counted; rates are over that wall time). One {len(names)}-client warm-up of "
-        f"2 s first, not counted. Mean batch size is the delta of `modulora_batch_size_sum / _count` on "
-        f"/metrics over the level.\n\n"
+        f"2 s first, not counted. The server batches continuously (requests join the running batch between "
+        f"decode steps): rows/step is the mean of `modulora_decode_batch_size` and joined/prefill the mean of "
+        f"`modulora_batch_size` (requests prefilled together) on /metrics over the level.\n\n"
         "## Throughput and latency\n\n"
         + table(["clients", "adapters", "requests", "failed", "wall s", "requests/s", "gen tokens/s",
-                 "p50 s", "p95 s", "mean batch", "gen tokens/request"], rows)
+                 "p50 s", "p95 s", "rows/step", "joined/prefill", "gen tokens/request"], rows)
         + f"\n\n{levels[-1]} clients vs {levels[0]}: {ratio:.2f}x the requests/s, {tratio:.2f}x the generated "
         "tokens/s.\n\n"
         "## Soak\n\n"

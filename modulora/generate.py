@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,30 +25,58 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
-                 temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-    """New token ids for each prompt; greedy when temperature is 0. Stops a row at `eos_id`."""
+                 temperature: float = 0.0, seed: int = 0, on_token: Callable[[int, int], None] | None = None,
+                 stop: Callable[[int], bool] | None = None,
+                 row_limits: list[int] | None = None) -> list[list[int]]:
+    """New token ids for each prompt; greedy when temperature is 0. Stops a row at `eos_id`.
+
+    Optional hooks, for a server that streams and drops requests: `on_token(row, token)` is
+    called for each token as soon as it is chosen (never for the eos); `stop(row)` is asked
+    before every step and True ends that row there (what it has is kept), so a cancelled
+    request stops costing compute at once; `row_limits[i]` caps row i's new tokens (at most
+    `max_new_tokens`). A row that stops early is masked out; the other rows' tokens are the
+    same as without the hooks.
+    """
+    n = len(prompts)
+    limits = [max_new_tokens] * n if row_limits is None else [min(int(x), max_new_tokens) for x in row_limits]
+    if len(limits) != n:
+        raise ValueError(f"{n} prompts but {len(limits)} row limits")
     ids, mask = left_pad(prompts, pad_id)
     gen = torch.Generator().manual_seed(seed)
     logits, cache = forward(model, ids, mask, logits_to_keep=1)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = torch.tensor([lim <= 0 for lim in limits], dtype=torch.bool)
     out: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
+        if stop is not None:
+            for i in range(n):
+                if not done[i] and stop(i):
+                    done[i] = True
+        if done.all():
+            break
         last = logits[:, -1, :].float()
         if temperature > 0:
             nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen).squeeze(1)
         else:
             nxt = last.argmax(-1)
+        # rows at their limit: their last token is still fed once, as a row running to max_new_tokens
+        # always was (routing reports count the tokens the model saw)
+        full = []
         for i, tok in enumerate(nxt.tolist()):
             if not done[i]:
                 if tok == eos_id:
                     done[i] = True
                 else:
                     out[i].append(tok)
+                    if on_token is not None:
+                        on_token(i, tok)
+                    if len(out[i]) >= limits[i]:
+                        full.append(i)
         if done.all():
             break
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
         logits, cache = forward(model, nxt.unsqueeze(1), mask, cache)
+        done[full] = True
     return out
 
 

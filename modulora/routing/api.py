@@ -58,6 +58,15 @@ class Router:
             self._experts_key = key
         return self._experts
 
+    def lora_names(self) -> list[str]:
+        """The library's LoRA adapters (latest versions) in the expert set's order, without loading
+        them (a server with a bounded expert cache never holds them all); RoutingError if none."""
+        names = [n for n, t in self.adapter_types().items() if t == "lora"]
+        if not names:
+            what = "is empty" if not self.adapter_types() else "holds no LoRA adapters"
+            raise RoutingError(f"the library at {self.library.root} {what}; add LoRA adapters before routing")
+        return names
+
     def adapter_types(self) -> dict[str, str]:
         """name -> type ("lora", "series", ...) of the library's latest adapters; re-read on change."""
         key = self.library.latest_object_ids()
@@ -100,7 +109,7 @@ class Router:
             out[i] = route
         if not by_policy:
             return out
-        names = self.experts().names
+        names = self.lora_names()
         if any(p != "uniform" for p in by_policy) and not 1 <= top_k <= len(names):
             raise RoutingError(f"top_k={top_k} but the library has {len(names)} LoRA adapter(s)")
         for i in by_policy.get("uniform", []):

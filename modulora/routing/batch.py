@@ -17,6 +17,7 @@ bottleneck adapters mix by output, a prefix adapter is selected per request.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data import Example, render_prompt
@@ -40,11 +41,20 @@ class RoutedAnswer:
     text: str
     experts: dict[str, float]  # expert -> weight (sequence route) or mean weight (Arrow); {} = base
     per_layer: dict[str, dict[str, float]] | None = None  # module -> expert -> mean weight (explain)
+    token_ids: list[int] | None = None  # the generated tokens (no eos)
+    finish_reason: str | None = None  # "stop" (eos), "length" (max_new_tokens) or "stopped" (should_stop)
+    prompt_tokens: int = 0  # tokens of the rendered prompt
 
 
 def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request], batch_size: int = 16,
-                    explain: bool = False, others: dict | None = None) -> list[RoutedAnswer]:
+                    explain: bool = False, others: dict | None = None,
+                    on_token: Callable[[int, int], None] | None = None,
+                    should_stop: Callable[[int], bool] | None = None) -> list[RoutedAnswer]:
     """Greedy answers, in order, `batch_size` requests per batched generation.
+
+    Hooks (optional, for streaming servers): `on_token(i, token_id)` is called as request i's
+    tokens are chosen, and `should_stop(i)` before every decode step; True stops request i there
+    (finish_reason "stopped", its text so far kept) and its row costs nothing more.
 
     `others` maps names of series, parallel and prefix adapters to their experts (`load_family`);
     `expert_set` (the LoRA experts) may be None when no request routes LoRA.
@@ -85,14 +95,25 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
         install(model, expert_set)
     try:
         answers: list[RoutedAnswer] = []
-        for chunk, (plan, family) in zip(chunks, plans):
+        for start, chunk, (plan, family) in zip(range(0, len(requests), batch_size), chunks, plans):
             prompts = [tok(render_prompt(tok, Example("", r.prompt, "")), add_special_tokens=False)["input_ids"]
                        for r in chunk]
             longest = max(r.max_new_tokens for r in chunk)
             if plan is not None:
                 plan.content_spans = content_spans(tok, prompts)
+            stopped: set[int] = set()
+
+            def stop(i, start=start, stopped=stopped):
+                if should_stop is not None and should_stop(start + i):
+                    stopped.add(i)
+                    return True
+                return False
+
+            emit = None if on_token is None else (lambda i, t, start=start: on_token(start + i, t))
             with routing(model, plan) if plan is not None else contextlib.nullcontext(), family.applied(model):
-                outs = generate_ids(model, prompts, tok.eos_token_id, tok.pad_token_id, longest)
+                outs = generate_ids(model, prompts, tok.eos_token_id, tok.pad_token_id, longest, on_token=emit,
+                                    stop=stop if should_stop is not None else None,
+                                    row_limits=[r.max_new_tokens for r in chunk])
             for i, (r, ids) in enumerate(zip(chunk, outs)):
                 if family.routes[i] is not None:
                     experts, per_layer = family.report(i, explain)
@@ -100,8 +121,11 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
                     experts, per_layer = plan.report(i)
                 else:
                     experts, per_layer = {}, None
-                text = tok.decode(ids[:r.max_new_tokens], skip_special_tokens=True).strip()
-                answers.append(RoutedAnswer(text=text, experts=experts, per_layer=per_layer))
+                ids = ids[:r.max_new_tokens]
+                text = tok.decode(ids, skip_special_tokens=True).strip()
+                finish = "stopped" if i in stopped else "length" if len(ids) >= r.max_new_tokens else "stop"
+                answers.append(RoutedAnswer(text=text, experts=experts, per_layer=per_layer, token_ids=list(ids),
+                                            finish_reason=finish, prompt_tokens=len(prompts[i])))
         return answers
     finally:
         if current is None and expert_set is not None:
