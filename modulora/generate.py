@@ -23,6 +23,14 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def last_position(ids: torch.Tensor) -> torch.Tensor:
+    """`logits_to_keep` for the last position only, as a 1-D index tensor rather than the int 1:
+    the model then takes the last hidden states as one contiguous [b, 1, d] copy, so the head is
+    one [b, d] x [d, vocab] matmul; the int gives a strided view, which torch multiplies as a
+    batched matmul reading the head's weights once per row (with b rows, b times the time)."""
+    return torch.tensor([ids.shape[1] - 1])
+
+
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, on_token: Callable[[int, int], None] | None = None,
@@ -43,7 +51,7 @@ def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_
         raise ValueError(f"{n} prompts but {len(limits)} row limits")
     ids, mask = left_pad(prompts, pad_id)
     gen = torch.Generator().manual_seed(seed)
-    logits, cache = forward(model, ids, mask, logits_to_keep=1)
+    logits, cache = forward(model, ids, mask, logits_to_keep=last_position(ids))
     done = torch.tensor([lim <= 0 for lim in limits], dtype=torch.bool)
     out: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):

@@ -177,9 +177,12 @@ class Scheduler:
     """One worker thread that owns the model: queued prompts join a continuously running batch."""
 
     def __init__(self, base, library, max_batch: int = 16, batch_wait_ms: float = 10, queue_size: int = 64,
-                 max_resident_experts: int | None = None, prefix_cache: int = 32):
+                 max_resident_experts: int | None = None, prefix_cache: int = 32, join_min: int = 8,
+                 join_wait_steps: int = 3):
         if max_batch < 1 or queue_size < 1:
             raise ValueError("max_batch and queue_size must be at least 1")
+        if join_min < 1 or join_wait_steps < 0:
+            raise ValueError("join_min must be at least 1 and join_wait_steps at least 0")
         self.base, self.router = base, Router(base, library)
         self.resident = ResidentExperts(library, base.fingerprint, capacity=max_resident_experts)
         self.engine = ContinuousBatch(base, prefix_entries=prefix_cache)
@@ -193,6 +196,12 @@ class Scheduler:
         self.steps = 0  # decode steps
         self.largest_batch = 0  # most rows in one pass
         self.metrics: Metrics = Metrics()
+        # While rows are running, newcomers join in groups: a prefill has a fixed cost (every weight
+        # is read once, as in a decode step) shared by the prompts it takes, so a few waiting
+        # prompts wait up to `join_wait_steps` decode steps for `join_min` (or the free rows) to
+        # gather. With nothing running they start at once (after `batch_wait_ms`).
+        self.join_min, self.join_wait_steps = join_min, join_wait_steps
+        self._holding_since: int | None = None  # the decode step at which waiting prompts were first held
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -248,7 +257,8 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._admit()
+                if not self._hold():
+                    self._admit()
                 if self.engine.rows:
                     rows = len(self.engine.rows)
                     finished = self.engine.step()
@@ -262,6 +272,23 @@ class Scheduler:
                 for item in list(self._jobs.values()):
                     self._fail(item, e)
                 self._jobs.clear()
+
+    def _hold(self) -> bool:
+        """Whether to let waiting prompts gather for one more decode step before they join."""
+        if not self.engine.rows:
+            self._holding_since = None
+            return False
+        waiting = self.waiting()
+        enough = min(self.join_min, self.max_batch - len(self.engine.rows))
+        if waiting == 0 or waiting >= enough:
+            self._holding_since = None
+            return waiting == 0
+        if self._holding_since is None:
+            self._holding_since = self.steps
+        if self.steps - self._holding_since >= self.join_wait_steps:
+            self._holding_since = None
+            return False
+        return True
 
     def _take(self, n: int, wait: bool) -> list[_Item]:
         """Up to n queued items; with `wait`, block briefly for the first and then `batch_wait` for more."""
@@ -908,6 +935,31 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     return app
 
 
+MALLOC_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit)
+
+
+def keep_freed_memory(keep_bytes: int = MALLOC_KEEP_BYTES) -> bool:
+    """Ask glibc's malloc to serve blocks up to `keep_bytes` from its heaps and keep freed memory
+    there (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) instead of mapping and unmapping it.
+
+    Every forward allocates activations, logits and a grown KV cache of a few hundred KiB to a
+    few MiB; by default such blocks are mmap'ed, and each one's pages fault in afresh when first
+    written, which on a virtual machine can cost as much as the arithmetic (a batched prefill
+    took about twice as long). Kept memory is reused by the next forward, so the server's memory
+    stays bounded by its largest step. False where this is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = mallopt(M_MMAP_THRESHOLD, int(keep_bytes)) == 1
+    return bool(mallopt(M_TRIM_THRESHOLD, int(4 * keep_bytes)) == 1 and ok)
+
+
 def json_dumps(obj) -> str:
     import json
 
@@ -922,6 +974,7 @@ def cmd_serve(args) -> None:
     from .request_log import configure
 
     configure(args.log_format)
+    keep_freed_memory()
     base = load_base(args.base)
     app = create_app(base, Library(args.library), api_key=args.api_key, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, queue_size=args.queue_size,

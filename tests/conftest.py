@@ -22,3 +22,28 @@ def smollm2():
     from modulora.base import load_base
 
     return load_base()
+
+
+def _random_lora(model, out, seed: int, fingerprint: dict):
+    """Save, at `out`, a LoRA for `model` whose B is random and large enough that each adapter
+    answers differently (seed: which one); returns `out`. The model is left as it was."""
+    import torch
+
+    from modulora.adapters import AdapterConfig, attach, detach, save_adapter
+    from modulora.adapters.wrap import wrappers
+
+    attach(model, AdapterConfig(type="lora", r=4, alpha=8.0), seed=seed)
+    gen = torch.Generator().manual_seed(500 + seed)
+    with torch.no_grad():
+        for _, mod in wrappers(model):
+            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=gen) * 0.5)
+    save_adapter(model, out, card={"name": out.name, "type": "lora", "base_fingerprint": fingerprint})
+    detach(model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_lora():
+    """`random_lora(model, out, seed, fingerprint)`: a distinct random LoRA saved at `out` (for
+    libraries of adapters that visibly answer differently; the server tests share it)."""
+    return _random_lora

@@ -5,8 +5,6 @@ against generate_routed, and the bounded LRU of resident experts."""
 import pytest
 import torch
 
-from modulora.adapters import AdapterConfig, attach, detach, save_adapter
-from modulora.adapters.wrap import wrappers
 from modulora.base import load_base
 from modulora.library import Library
 from modulora.routing.arrow import Arrow
@@ -20,25 +18,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 NAMES = ("a", "b", "c", "d")
 
 
-def random_lora(model, out, seed: int, fingerprint: dict):
-    """A LoRA whose B is random and large enough that each adapter answers differently."""
-    attach(model, AdapterConfig(type="lora", r=4, alpha=8.0), seed=seed)
-    gen = torch.Generator().manual_seed(500 + seed)
-    with torch.no_grad():
-        for _, mod in wrappers(model):
-            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=gen) * 0.5)
-    save_adapter(model, out, card={"name": out.name, "type": "lora", "base_fingerprint": fingerprint})
-    detach(model)
-    return out
-
-
 @pytest.fixture(scope="module")
 def base():
     return load_base("tiny")  # a model of this module's own: routing gets installed on it
 
 
 @pytest.fixture(scope="module")
-def lib(base, tmp_path_factory):
+def lib(base, tmp_path_factory, random_lora):
     root = tmp_path_factory.mktemp("engine")
     maker = load_base("tiny")
     lib = Library(root / "lib")
@@ -115,6 +101,51 @@ def test_rows_joining_and_leaving_get_their_solo_answers(base, experts):
     assert eng.prefix_hits >= 1 and eng.prefix_misses >= 1
 
 
+def test_the_dense_mixture_and_the_per_row_paths_agree(experts, monkeypatch):
+    """Sequence routes with few experts in use take the dense path (all used experts as one LoRA);
+    with it switched off the per-row (prompt) and per-expert (decode) paths give the same logits."""
+    from modulora.forward import forward
+    from modulora.generate import left_pad
+    from modulora.routing import layer
+
+    model = load_base("tiny").model  # the same weights as `base`, with nothing installed
+    routes = [{"a": 1.0}, {"b": 0.3, "c": 0.7}, None, {"d": 1.0}, {"a": 0.5, "d": 0.5}]
+    prompts = [[5, 9, 13, 2], [7, 7], [3, 4, 5], [11, 2, 6, 8, 1], [9]]
+    ids, mask = left_pad(prompts, 0)
+    calls: dict[str, int] = {}
+    for path in ("_dense", "_rowwise_mixture", "_grouped"):
+        def counted(self, *a, _f=getattr(layer.RoutingPlan, path), _p=path):
+            calls[_p] = calls.get(_p, 0) + 1
+            return _f(self, *a)
+        monkeypatch.setattr(layer.RoutingPlan, path, counted)
+    layer.install(model, experts)
+    try:
+        def run():
+            plan = layer.RoutingPlan(experts, routes)
+            with layer.routing(model, plan):
+                first, cache = forward(model, ids, mask)
+                nxt = first[:, -1].argmax(-1, keepdim=True)
+                step, _ = forward(model, nxt, torch.cat([mask, torch.ones_like(nxt)], 1), cache)
+            return first, step, plan
+
+        dense_first, dense_step, _ = run()
+        assert set(calls) == {"_dense"}  # both forwards, every adapted module
+        calls.clear()
+        monkeypatch.setattr(layer, "DENSE_PROMPT_COLS", 0)
+        monkeypatch.setattr(layer, "DENSE_STEP_COLS", 0)
+        rows_first, rows_step, _ = run()
+        assert set(calls) == {"_rowwise_mixture", "_grouped"} and calls["_grouped"] == calls["_rowwise_mixture"]
+        layer.uninstall(model)
+        plain, _ = forward(model, ids, mask)
+    finally:
+        layer.uninstall(model)
+    valid = mask.bool()
+    assert torch.allclose(dense_first[valid], rows_first[valid], atol=1e-4)
+    assert torch.allclose(dense_step, rows_step, atol=1e-4)
+    assert torch.equal(dense_first[2][valid[2]], plain[2][valid[2]])  # the base row gets no delta
+    assert not torch.allclose(dense_first[0][valid[0]], plain[0][valid[0]], atol=1e-2)  # the others do
+
+
 def test_a_row_asked_to_stop_leaves_and_the_others_go_on(base, experts):
     alone = [solo(base, experts, *j) for j in JOBS[:3]]
     eng = ContinuousBatch(base)
@@ -141,7 +172,7 @@ def test_the_engine_refuses_bad_jobs(base, experts):
     eng.release()
 
 
-def test_resident_experts_evict_the_least_recently_used(base, lib, tmp_path):
+def test_resident_experts_evict_the_least_recently_used(base, lib, tmp_path, random_lora):
     res = ResidentExperts(lib, base.fingerprint, capacity=2)
     assert res.expert_set({"a"}).names == ["a"]
     assert res.expert_set({"b"}).names == ["a", "b"]
@@ -165,3 +196,33 @@ def test_resident_experts_evict_the_least_recently_used(base, lib, tmp_path):
         lib.remove("d", version=2)
     with pytest.raises(ValueError):
         ResidentExperts(lib, base.fingerprint, capacity=0)
+
+
+def test_newcomers_gather_for_a_few_steps_while_rows_run(base, lib):
+    """While rows run, fewer than join_min waiting prompts are held for at most join_wait_steps
+    decode steps (one prefill for several); with nothing running nobody waits."""
+    from modulora.serve import Scheduler, _Item
+
+    s = Scheduler(base, lib, max_batch=8, join_min=3, join_wait_steps=2)
+    item = lambda: _Item("x", "a", 1, "mixture", 4)  # noqa: E731
+    s.queue.put_nowait(item())
+    assert not s._hold()  # nothing runs: the newcomer starts at once
+    s.engine.rows = [object()]
+    held = []
+    for _ in range(4):
+        held.append(s._hold())
+        s.steps += 1
+    assert held == [True, True, False, True]  # joins at the second step after it was first held
+    s.queue.put_nowait(item())
+    assert s._hold()
+    s.queue.put_nowait(item())
+    assert not s._hold()  # three wait: enough to join now
+    s.engine.rows = [object()] * 7
+    s.queue.get_nowait(), s.queue.get_nowait()
+    assert not s._hold()  # one free row and one waiting: it joins
+    while not s.queue.empty():
+        s.queue.get_nowait()
+    assert s._hold()  # nothing waits: nothing to admit
+    s.engine.rows = []
+    with pytest.raises(ValueError):
+        Scheduler(base, lib, join_min=0)

@@ -28,9 +28,7 @@ LONG = 5000  # tokens: far more than a client waits for (the tiny model makes ~1
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    from test_serve_engine import random_lora
-
+def lib(tmp_path_factory, random_lora):
     root = tmp_path_factory.mktemp("live")
     maker = load_base("tiny")
     lib = Library(root / "lib")

@@ -44,7 +44,7 @@ from transformers import DynamicCache
 
 from ..data import Example, render_prompt
 from ..forward import PREFIX_ATTR, forward
-from ..generate import left_pad
+from ..generate import last_position, left_pad
 from .arrow import Arrow
 from .experts import ExpertSet, RoutingError, normalise_route
 from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
@@ -197,7 +197,7 @@ class ContinuousBatch:
                 spans.append((lo, hi) if lo < hi else (width - len(s), width))
             plan.content_spans = spans
         with routing(self.model, plan) if plan is not None else contextlib.nullcontext():
-            logits, cache = forward(self.model, ids, mask, cache, logits_to_keep=1)
+            logits, cache = forward(self.model, ids, mask, cache, logits_to_keep=last_position(ids))
         self._harvest_plan(plan, jobs)
         for j in jobs:
             j.reused_prefix = reuse
@@ -289,7 +289,8 @@ class ContinuousBatch:
             ids = torch.tensor([self.template] * len(group))
             plan = self._plan_for(group)
             with routing(self.model, plan) if plan is not None else contextlib.nullcontext():
-                _, cache = forward(self.model, ids, torch.ones(len(group), P, dtype=torch.long), logits_to_keep=1)
+                _, cache = forward(self.model, ids, torch.ones(len(group), P, dtype=torch.long),
+                                   logits_to_keep=last_position(ids))
             for r, k in enumerate(todo):
                 self._prefixes[k] = [(layer.keys[r].clone(), layer.values[r].clone()) for layer in cache.layers]
         got = {k: self._prefixes[k] for k in set(keys)}

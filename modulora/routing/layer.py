@@ -20,8 +20,14 @@ delta is zero. Only selected experts are computed:
 
 - sequence routes, prompt (t > 1): per row, its k experts' A and B are gathered and applied with
   two batched matmuls (the k experts of a row act as one LoRA of rank k*R);
-- sequence routes, decode step (t = 1): rows are grouped by expert (pairs sorted once per plan),
-  so each used expert's weights are read once per step however many rows use it;
+- sequence routes, output mixture, few experts in use (U used experts of rank R, U*R at most
+  `DENSE_PROMPT_COLS` for a prompt, `DENSE_STEP_COLS` for a decode step): the used experts' A
+  and B are taken as one LoRA of rank U*R and applied to all rows with two plain matmuls, each
+  row's weights (0 for the experts it does not use) scaling its columns in between; one
+  efficient GEMM per module instead of many thin batched ones, each used expert read once;
+- sequence routes, decode step (t = 1), many experts in use: rows are grouped by expert (pairs
+  sorted once per plan), so each used expert's weights are read once per step however many rows
+  use it;
 - parameter averaging: the averaged A and B of each row are formed once per plan and module;
 - Arrow: see `arrow.mixed_delta`.
 
@@ -50,6 +56,11 @@ from .experts import ExpertSet, RoutingError
 
 ROUTER_ATTR = "modulora_routing"
 MODES = ("mixture", "average")
+# the dense mixture (all used experts as one LoRA of rank U*R) is used up to this many columns:
+# for a prompt its extra work grows with U*R for every token, so it stays small; for a decode step
+# the work is a few rows, and reading the used experts' weights (the same for any method) dominates
+DENSE_PROMPT_COLS = 64
+DENSE_STEP_COLS = 1024
 
 
 class MultiLoraLinear(Wrapper):
@@ -203,6 +214,19 @@ class _SeqGroup:
         self.slot_w[slot] = flat_w[order]
         self.slot_rows = self.slot_rows.to(device)
         self.slot_w = self.slot_w.to(device=device, dtype=expert_set.dtype)
+        # the dense mixture: columns [u*R, (u+1)*R) belong to the u-th used expert; per row, the
+        # weight of each column (the row's weight for that expert, 0 if it does not use it)
+        R = expert_set.rank
+        self.R = R
+        used_list = used.tolist()
+        span = (used_list[0], used_list[-1] + 1)
+        self.dense_span = span if used_list == list(range(*span)) else None  # a slice of the set: no copy
+        self.dense_used = used
+        pos = torch.searchsorted(used, flat_e)
+        dense_w = torch.zeros(len(rows), self.U, dtype=torch.float64)
+        row_of_pair = torch.arange(len(rows)).repeat_interleave(k)[keep]
+        dense_w.index_put_((row_of_pair, pos), flat_w.to(torch.float64), accumulate=True)
+        self.dense_w = dense_w.repeat_interleave(R, dim=1).to(device=device, dtype=expert_set.dtype)  # [rows, U*R]
 
 
 class _ArrowGroup:
@@ -222,8 +246,10 @@ class _Forward:
 
     def __init__(self, b: int, t: int):
         self.b, self.t = b, t
-        # id(sequence group) -> weights times validity: [rows, t, k], or [U*C] per slot in a decode step
+        # id(sequence group) -> weights times validity: [rows, t, k], or [U*C] per slot in a decode step,
+        # or [rows*t, U*R] per column of the dense mixture
         self.seq: dict[int, torch.Tensor] = {}
+        self.dense = False  # whether the output-mixture group takes the dense path in this forward
         self.tokens: dict[int, torch.Tensor | None] = {}  # id(Arrow group) -> flat indices of its real tokens
         self.token_rows: dict[int, torch.Tensor] = {}     # id(Arrow group) -> the row of each of them
         self.counted: dict[int, torch.Tensor] = {}        # id(Arrow group) -> 1 where a token counts in report()
@@ -308,10 +334,15 @@ class RoutingPlan:
                  else token_mask.to(device=dev, dtype=torch.bool))
         fwd = _Forward(b, t)
         dtype = self.expert_set.dtype
+        fwd.dense = False
         for g in (self.mix, self.avg):
             if g is None:
                 continue
-            if t == 1 and g is self.mix:
+            if g is self.mix and g.U * g.R <= (DENSE_STEP_COLS if t == 1 else DENSE_PROMPT_COLS):
+                fwd.dense = True
+                v = valid if g.rows is None else valid.index_select(0, g.rows)
+                fwd.seq[id(g)] = (g.dense_w.unsqueeze(1) * v.unsqueeze(2).to(dtype)).reshape(-1, g.U * g.R)
+            elif t == 1 and g is self.mix:
                 fwd.seq[id(g)] = g.slot_w * valid[g.slot_rows, 0].to(dtype)
             else:
                 v = valid if g.rows is None else valid.index_select(0, g.rows)
@@ -350,7 +381,9 @@ class RoutingPlan:
         A, Bt = layer.experts_A, layer.experts_Bt
         name = layer.module_name
         if self.mix is not None:
-            if t == 1:
+            if fwd.dense:
+                self._dense(self.mix, name, A, Bt, xe, y3, fwd.seq[id(self.mix)])
+            elif t == 1:
                 self._grouped(self.mix, name, A, Bt, xe, y3, fwd.seq[id(self.mix)])
             else:
                 self._rowwise_mixture(self.mix, A, Bt, xe, y3, fwd.seq[id(self.mix)])
@@ -381,6 +414,29 @@ class RoutingPlan:
             y3.baddbmm_(z, Bg)
         else:
             self._add_rows(y3, g.rows, torch.bmm(z, Bg))
+
+    def _dense(self, g: _SeqGroup, name, A, Bt, x, y3, wt):
+        """The used experts as one LoRA of rank U*R over all the group's tokens: z = x A_u^T, each
+        row's columns scaled by its weights (and its pad mask), then y += z B_u."""
+        key = ("dense", name)
+        flat = self._cache.get(key)
+        if flat is None:
+            E, R, d_in = A.shape
+            if g.dense_span is not None:
+                lo, hi = g.dense_span
+                Au, Bu = A[lo:hi], Bt[lo:hi]  # views of the stacked set
+            else:
+                Au, Bu = A.index_select(0, g.dense_used), Bt.index_select(0, g.dense_used)
+            flat = self._cache[key] = (Au.reshape(-1, d_in), Bu.reshape(-1, Bt.shape[2]))
+        Au, Bu = flat
+        xg = x if g.rows is None else x.index_select(0, g.rows)
+        n, t = xg.shape[0], xg.shape[1]
+        z = F.linear(xg.reshape(n * t, -1), Au)                          # [n*t, U*R]
+        z.mul_(wt)                                                        # weights and pad mask
+        if g.rows is None and y3.dtype == z.dtype and y3.is_contiguous():
+            y3.view(n * t, -1).addmm_(z, Bu)
+        else:
+            self._add_rows(y3, g.rows, torch.mm(z, Bu).view(n, t, -1))
 
     def _grouped(self, g: _SeqGroup, name, A, Bt, x, y3, slot_w):
         """Decode step: (row, expert) pairs grouped by expert; each used expert read once."""
