@@ -98,7 +98,7 @@ def cmd_router(args) -> None:
 
 def cmd_eval(args) -> None:
     from .base import load_base
-    from .evaluate import Method, evaluate, prepare_task, task_files
+    from .evaluate import Method, check_methods, evaluate, prepare_task, task_files
 
     files = [f for d in args.data for f in task_files(d)]
     tasks = [prepare_task(f, n=args.n, seed=args.seed, metric=args.metric, holdout=args.holdout or None,
@@ -108,8 +108,6 @@ def cmd_eval(args) -> None:
     methods = [Method(name=r if r == "base" or args.top_k == 1 or "," in r or ":" in r else f"{r} top-{args.top_k}",
                       route=r, top_k=args.top_k, mode=args.mode) for r in routes or ["base"]]
     lib = args.library or str(_library(args).root)
-    from .evaluate import check_methods
-
     check_methods(methods, lib)  # before the model loads
     results = evaluate(load_base(args.base), tasks, methods, args.out, library=lib, batch_size=args.batch_size)
     print(results.markdown())

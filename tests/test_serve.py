@@ -2,14 +2,14 @@
 
 import json
 import re
-import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+
+from servers import running
 
 from modulora.cli import main
 from modulora.tasks import make_task, write_jsonl
@@ -30,32 +30,13 @@ def lib(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(lib, tiny):
-    import uvicorn
-
     from modulora.library import Library
     from modulora.serve import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(tiny, Library(lib), max_batch=16, batch_wait_ms=50, queue_size=64,
                      max_upload_bytes=1 << 20)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    else:
-        pytest.fail("server did not start")
-    yield url, app
-    srv.should_exit = True
-    thread.join(10)
+    with running(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

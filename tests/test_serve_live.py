@@ -7,16 +7,16 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+
+from servers import free_port, running, wait_healthy
 
 from modulora.base import load_base
 from modulora.library import Library
@@ -40,44 +40,6 @@ def lib(tmp_path_factory, random_lora):
 @pytest.fixture(scope="module")
 def base():
     return load_base("tiny")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc=None, seconds: float = 120) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    pytest.fail("server did not start")
-
-
-@contextlib.contextmanager
-def running(app):
-    """A real uvicorn server for `app` on a free port of 127.0.0.1; yields its URL."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url)
-        yield url
-    finally:
-        srv.should_exit = True
-        thread.join(30)
 
 
 def make_app(base, lib, **kw):
