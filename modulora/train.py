@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import AdapterConfig, attach, detach, save_adapter
 from .base import Base
-from .data import IGNORE, DataError, Example, Task, collate, encode, split, user_text
+from .data import IGNORE, DataError, Task, collate, encode, split, user_text
 from .forward import forward
 
 DEFAULT_LR = {"lora": 3e-4, "series": 3e-4, "parallel": 3e-4, "prefix": 3e-3}

@@ -218,3 +218,25 @@ def test_cli_eval_end_to_end_and_bad_input(tmp_path, tiny_library):
     r = subprocess.run(cmd + ["--data", str(files["capital"]), "--metric", "number", "--out", str(tmp_path / "p")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "does not fit" in r.stderr
+
+
+def test_paired_difference_tells_gap_from_noise():
+    """A method right on every example where the other is wrong has an interval far above 0; two
+    methods that differ on one example of many have an interval that spans 0; different example
+    sets are refused."""
+    from modulora.evaluate import Results, paired_difference
+
+    def results(a_scores, b_scores):
+        preds = [{"method": m, "task": "t", "id": str(i), "scores": {"em": s}}
+                 for m, sc in (("a", a_scores), ("b", b_scores)) for i, s in enumerate(sc)]
+        return Results(tasks=["t"], methods=["a", "b"], metrics={"t": ["em"]}, scores={}, routing={},
+                       n={"t": len(a_scores)}, predictions=preds)
+
+    d, lo, hi = paired_difference(results([1.0] * 30 + [0.0] * 10, [0.0] * 40), "a", "b")
+    assert d == pytest.approx(75.0) and 55 < lo < d < hi <= 100
+    d, lo, hi = paired_difference(results([1.0] + [0.0] * 99, [0.0] * 100), "a", "b")
+    assert d == pytest.approx(1.0) and lo <= 0 < hi
+    assert paired_difference(results([1.0] * 5, [0.0] * 5), "b", "a")[0] == pytest.approx(-100.0)
+    bad = results([1.0] * 5, [0.0] * 4)
+    with pytest.raises(EvalError, match="same examples"):
+        paired_difference(bad, "a", "b")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..adapters import AdapterConfig
 from ..data import DataError
+from ..evaluate import paired_difference
 from ..report import write_text_atomic
 from ..train import TrainConfig
 
@@ -206,3 +207,9 @@ def publish(ctx: Context, src_dir: Path, files: dict[str, str]) -> None:
 
 def met(ok: bool) -> str:
     return "met" if ok else "**not met**"
+
+
+def gap(res, a: str, b: str) -> str:
+    """'a - b: +1.2 points (95% paired bootstrap interval -0.5 to +2.9)', for reading a verdict."""
+    d, lo, hi = (round(x, 1) + 0.0 for x in paired_difference(res, a, b))  # + 0.0: no "-0.0"
+    return f"{a} - {b}: {d:+.1f} points (95% paired bootstrap interval {lo:+.1f} to {hi:+.1f})"

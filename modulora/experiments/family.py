@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..adapters import AdapterConfig
 from ..data import load_task, mixture
 from ..evaluate import Method, evaluate, prepare_task
-from .common import Context, add, met, publish, train_one, write_report
+from .common import Context, add, gap, met, publish, train_one, write_report
 
 MATH_TRAIN = ["gsm8k/train.jsonl", "flan-cot/aqua_train.tsv"]
 CS_TRAIN = ["llm-adapters/boolq/train.json", "llm-adapters/ARC-Easy/train.json",
@@ -52,11 +52,14 @@ def run(ctx: Context, progress: bool = True) -> dict:
         beat = all(avg[label] > avg["base"] for label in TYPES.values())
         verdicts.append(f"{domain}: every adapter type beats the base on average -> {met(beat)} "
                         f"(base {avg['base']:.1f}; " + ", ".join(f"{lab} {avg[lab]:.1f}" for lab in TYPES.values()) + ")")
+        gaps = [f"- {gap(res, label, 'base')}" for label in TYPES.values()]
         headers = ["model"] + res.tasks + ["avg"]
         rows = [[m] + [f"{100 * res.main(m, t):.1f}" for t in res.tasks] + [f"{avg[m]:.1f}"] for m in res.methods]
         body += [f"## {domain.capitalize()} (accuracy %)", "",
                  "| " + " | ".join(headers) + " |", "|---" * len(headers) + "|",
-                 *["| " + " | ".join(r) + " |" for r in rows], "", f"![{domain}]({domain}.png)", ""]
+                 *["| " + " | ".join(r) + " |" for r in rows], "",
+                 "Each type against the base, with how far chance alone moves the average on these samples:", "",
+                 *gaps, "", f"![{domain}]({domain}.png)", ""]
     intro = [
         f"Training: math mixture = GSM8K train + FLAN AQuA CoT; commonsense mixture = BoolQ, ARC-Easy, "
         f"ARC-Challenge, OpenBookQA train + SNI WinoGrande (task033) and PIQA (task080); a seeded sample of at most "

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..adapters import AdapterConfig
 from ..data import load_task
 from ..evaluate import Method, evaluate, prepare_task
-from .common import HOLDOUT, Context, add, met, publish, sni_library, sni_task_names, train_one, write_report
+from .common import (HOLDOUT, Context, add, gap, met, publish, sni_library, sni_task_names, train_one,
+                     write_report)
 
 
 def merged_library(ctx: Context, private_lib: Path) -> Path:
@@ -100,6 +101,9 @@ def run(ctx: Context, progress: bool = True) -> dict:
         f"Target: Arrow and retrieval at least match the uniform merge, which beats the base: "
         f"Arrow {avg[arrow]:.1f}, retrieval {avg[retrieval]:.1f}, uniform merge {avg['uniform merge']:.1f}, "
         f"base {avg['base']:.1f} (exact match) -> {met(target)}.", "",
+        "Differences, with how far chance alone moves them on test sets this small:", "",
+        *[f"- {gap(res, x, y)}" for x, y in ((arrow, "uniform merge"), (retrieval, "uniform merge"),
+                                              ("uniform merge", "base"), ("oracle", retrieval))], "",
         "## Per task", "", (ctx.results / "results.md").read_text().split("\n", 2)[2], "",
         "![scores](accuracy.png)", "", "![routing](routing.png)", "", "![MBC similarity](mbc-similarity.png)",
     ]
