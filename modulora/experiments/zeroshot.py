@@ -93,7 +93,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
     body = [
         f"Library: {len(library_tasks)} SNI tasks, one LoRA each (rank 8, all linear layers, {s.steps} steps of "
         f"{s.batch_size}); MBC: {s.clusters} clusters of those experts' parameters, one LoRA per cluster "
-        f"({s.mbc_steps} steps). Held out: {len(held_out)} SNI tasks no expert saw, {s.n_eval} examples each "
+        f"({s.mbc_steps} steps). Held out: {len(held_out)} SNI tasks no expert saw, up to {s.n_eval} examples each "
         f"(a seeded sample of each task's held-out {int(HOLDOUT * 100)}%), greedy, 32 new tokens at most.",
         "", "Library tasks: " + ", ".join(library_tasks), "", "Held-out tasks: " + ", ".join(held_out), "",
         "MBC clusters: " + "; ".join(f"{c}: {', '.join(v)}" for c, v in clusters.items()), "",
