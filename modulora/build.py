@@ -77,7 +77,7 @@ def _positive_int(value, what: str) -> int:
 
 def _expected_train_config(adapter: AdapterConfig, cfg: TrainConfig) -> dict:
     """What train_adapter records as the card's train_config, after a JSON round trip."""
-    raw = {**dataclasses.asdict(cfg), "lr": cfg.lr or DEFAULT_LR[adapter.type], "adapter": dataclasses.asdict(adapter)}
+    raw = {**cfg.settings(), "lr": cfg.lr or DEFAULT_LR[adapter.type], "adapter": dataclasses.asdict(adapter)}
     return json.loads(json.dumps(raw, default=str))
 
 
@@ -431,7 +431,7 @@ def cmd_build(args) -> None:
     targets = {"target_modules": tuple(args.target_modules.split(","))} if args.target_modules else {}
     adapter = AdapterConfig(type="lora", r=args.rank, alpha=alpha, dropout=args.dropout, **targets)
     train = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-                        dtype=args.dtype, epochs=args.epochs)
+                        dtype=args.dtype, epochs=args.epochs, micro_batch=args.micro_batch)
     from .library import Library
 
     summary = build_library(args.base, args.data, args.out, Library(args.library),
@@ -466,6 +466,8 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--target-modules", default=None, help="comma list (default: all linear)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="rows per forward/backward pass: less memory, same update (default: the whole batch)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])

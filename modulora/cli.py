@@ -39,7 +39,8 @@ def cmd_train(args) -> None:
     adapter.validate()
     holdout = args.holdout if args.holdout < 1 else int(args.holdout)
     cfg = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      max_length=args.max_length, seed=args.seed, dtype=args.dtype, holdout=holdout)
+                      max_length=args.max_length, seed=args.seed, dtype=args.dtype, holdout=holdout,
+                      micro_batch=args.micro_batch)
     base = load_base(args.base)
     metrics = train_adapter(base, task, adapter, cfg, args.out, data_hash=file_hash(args.data))
     print(json.dumps(metrics, indent=2))
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, default=1.0)
     t.add_argument("--lr", type=float, default=None, help="learning rate (default per type)")
     t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--micro-batch", type=int, default=None,
+                   help="rows per forward/backward pass: less memory, same update (default: the whole batch)")
     t.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
     t.add_argument("--rank", type=int, default=8, help="LoRA rank")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")

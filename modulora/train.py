@@ -40,6 +40,29 @@ class TrainConfig:
     warmup: float = 0.05           # share of steps with a linear warm-up
     checkpoint_every: int = 50
     max_samples: int = 32          # sample inputs kept on the card (retrieval uses them)
+    micro_batch: int | None = None  # rows per forward/backward pass (None = the whole batch): less memory,
+    #                                 the same update (gradients accumulate), so not part of settings()
+
+    def settings(self) -> dict:
+        """The fields that decide the trained adapter (recorded on the card, compared on reuse)."""
+        d = asdict(self)
+        d.pop("micro_batch")
+        return d
+
+    def validate(self) -> None:
+        def positive(name, value, optional=False):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"training setting {name} must be a positive integer, got {value!r}")
+        for name in ("batch_size", "max_length", "checkpoint_every"):
+            positive(name, getattr(self, name))
+        positive("steps", self.steps, optional=True)
+        positive("micro_batch", self.micro_batch, optional=True)
+        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
+            raise ValueError(f"training setting epochs must be > 0, got {self.epochs!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"unknown training dtype {self.dtype!r}; use auto, bf16 or fp32")
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,6 +141,24 @@ def _load_checkpoint(path: Path, model, opt, meta: dict) -> int:
     return int(saved["step"])
 
 
+def _accumulate(model, rows: list, pad_id: int, cfg: TrainConfig) -> float:
+    """Backward pass of the mean answer-token loss over `rows`, in micro-batches of cfg.micro_batch
+    rows; each part is weighted by its share of the answer tokens, so the summed gradient is the
+    whole batch's. Returns the batch loss."""
+    size = cfg.micro_batch or len(rows)
+    parts = [collate(rows[i:i + size], pad_id) for i in range(0, len(rows), size)]
+    counts = [int((p["labels"][:, 1:] != IGNORE).sum()) for p in parts]
+    total_n, total = max(sum(counts), 1), 0.0
+    for part, n in zip(parts, counts):
+        if n == 0:
+            continue
+        with autocast_for(cfg.dtype):
+            loss, _ = answer_loss(model, part)
+        (loss * (n / total_n)).backward()
+        total += loss.item() * n / total_n
+    return total
+
+
 @torch.no_grad()
 def evaluate_loss(model, rows: list, pad_id: int, batch_size: int, dtype: str) -> float:
     total, count = 0.0, 0
@@ -136,6 +177,7 @@ def train_adapter(base: Base, task: Task, adapter: AdapterConfig, cfg: TrainConf
     they are removed once the adapter is written.
     """
     adapter.validate()
+    cfg.validate()
     if not task.examples:
         raise DataError(f"task {task.name!r} has no examples to train on")
     out_dir = Path(out_dir)
@@ -147,7 +189,7 @@ def train_adapter(base: Base, task: Task, adapter: AdapterConfig, cfg: TrainConf
     per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total = cfg.steps or max(1, math.ceil(per_epoch * cfg.epochs))
     meta = json.loads(json.dumps({"task": task.name, "data_hash": data_hash, "adapter": asdict(adapter),
-                                  "train": asdict(cfg), "base": base.fingerprint["id"]}))  # as stored
+                                  "train": cfg.settings(), "base": base.fingerprint["id"]}))  # as stored
 
     attach(model, adapter, seed=cfg.seed)
     try:
@@ -163,18 +205,15 @@ def train_adapter(base: Base, task: Task, adapter: AdapterConfig, cfg: TrainConf
             epoch, pos = divmod(step, per_epoch)
             order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
-            batch = collate([train_rows[i] for i in idx], tok.pad_token_id)
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout: same masks after a resume
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, lr, cfg.warmup)
-            with autocast_for(cfg.dtype):
-                loss, _ = answer_loss(model, batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _accumulate(model, [train_rows[i] for i in idx], tok.pad_token_id, cfg)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            tokens += int(batch["attention_mask"].sum())
-            losses.append(loss.item())
+            tokens += sum(len(train_rows[i][0]) for i in idx)
+            losses.append(loss)
             rate = tokens / max(time.time() - t0, 1e-9)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
@@ -194,7 +233,7 @@ def train_adapter(base: Base, task: Task, adapter: AdapterConfig, cfg: TrainConf
         card = {
             "name": out_dir.name, "type": adapter.type, "task": task.name, "description": task.description,
             "data_hash": data_hash, "base_fingerprint": base.fingerprint,
-            "train_config": {**asdict(cfg), "lr": lr, "adapter": asdict(adapter)},
+            "train_config": {**cfg.settings(), "lr": lr, "adapter": asdict(adapter)},
             "samples": [user_text(ex)[:1000] for ex in train_ex[: cfg.max_samples]],
             "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "modulora_version": __version__,
