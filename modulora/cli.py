@@ -110,7 +110,8 @@ def cmd_eval(args) -> None:
                       route=r, top_k=args.top_k, mode=args.mode) for r in routes or ["base"]]
     lib = args.library or str(_library(args).root)
     check_methods(methods, lib)  # before the model loads
-    results = evaluate(load_base(args.base), tasks, methods, args.out, library=lib, batch_size=args.batch_size)
+    results = evaluate(load_base(args.base), tasks, methods, args.out, library=lib, batch_size=args.batch_size,
+                       dtype=args.dtype)
     print(results.markdown())
     if args.show:
         for rec in results.predictions[: args.show]:
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--positive-examples", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=None, help="default by metric (256 for math, 32 short answers)")
     e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the CPU has native bf16 (faster), else fp32 (exact)")
     e.add_argument("--out", default="eval-results", help="results folder; a rerun with the same settings resumes")
     e.add_argument("--show", type=int, default=0, help="print the first N predictions")
     e.set_defaults(func=cmd_eval)

@@ -80,6 +80,9 @@ class MultiLoraLinear(Wrapper):
         plan = self.router.plan
         if plan is None or not plan.active:
             return y
+        if torch.is_autocast_enabled(x.device.type):  # the small expert products stay in the set's dtype
+            with torch.autocast(x.device.type, enabled=False):
+                return plan.apply(self, x, y)
         return plan.apply(self, x, y)
 
     def extra_repr(self) -> str:
