@@ -25,7 +25,7 @@ from modulora.routing.layer import MultiLoraLinear, RoutingPlan, install, routin
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 NAMES = ["e0", "e1", "e2", "e3", "e4"]  # e4 has rank 2 (padded to 4 in the set)
-ATOL = 1e-5
+ATOL = 5e-5  # fp32 rounding of batched vs single-row matmuls; a routing mix-up moves logits by >1e-2
 
 
 def fresh():

@@ -91,7 +91,10 @@ def test_micro_batches_give_the_same_adapter_and_reuse(tiny, tmp_path):
     m2 = train_adapter(tiny, task, adapter, parts, tmp_path / "parts", data_hash="h", progress=False)
     assert m1["train_loss"] == pytest.approx(m2["train_loss"], rel=1e-4) and m1["tokens"] == m2["tokens"]
     a, b = read_adapter(tmp_path / "whole")[1], read_adapter(tmp_path / "parts")[1]
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    # Adam turns float-rounding differences of near-zero gradients into updates of up to lr, so the
+    # weights agree loosely; the gradient check below is the exact one
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=5e-3) for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.1 * max(float(a[k].abs().max()) for k in a)
     # the accumulated gradient is the whole batch's, scale included (Adam alone would hide a scale error)
     from modulora.adapters import attach, detach
     from modulora.data import encode
