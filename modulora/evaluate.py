@@ -366,6 +366,17 @@ def write_results(results: Results, out: Path, plots: bool = True, config: dict 
             plot_routing(results, out / "routing.png")
 
 
+def load_results(path: str | os.PathLike) -> Results:
+    """The Results in a `results.json` that `write_results` wrote (a report can be rebuilt from it)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return Results(tasks=d["tasks"], methods=d["methods"], metrics=d["metrics"], scores=d["scores"],
+                       routing=d["routing"], n=d["n"], predictions=d["predictions"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"{p} is not a results.json written by modulora eval: {e}") from None
+
+
 def plot_scores(results: Results, path: Path, title: str = "Score by method (main metric, %)") -> Path:
     """Grouped bars: one group per task plus the average, one bar per method."""
     from matplotlib.figure import Figure

@@ -21,12 +21,17 @@ def cmd_experiment(args) -> None:
 
     from .common import make_context
 
+    from ..data import DataError
+
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+    if args.domain and names != ["family"]:
+        raise DataError("--domain applies to the family experiment only")
     for name in names:
         ctx = make_context(name, args.data, args.work, args.results if len(names) == 1 else None, args.quick,
                            sys.argv[1:] if args.argv is None else args.argv)
         module = importlib.import_module(f".{name}", __name__)
-        module.run(ctx, progress=not args.no_progress)
+        extra = {"domains": [args.domain]} if args.domain else {}
+        module.run(ctx, progress=not args.no_progress, **extra)
         print(f"experiment {name}: report in {ctx.results / 'README.md'}")
 
 
@@ -39,5 +44,7 @@ def add_experiment_command(subparsers) -> None:
     p.add_argument("--work", default=None, help="adapters, libraries and raw results (default runs/experiments)")
     p.add_argument("--results", default=None, help="report folder (default experiments/results/NAME; "
                                                     "quick: under --work)")
+    p.add_argument("--domain", choices=["math", "commonsense"], default=None,
+                   help="family only: run one domain (the report keeps the other's published results)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_experiment, argv=None)
