@@ -12,6 +12,7 @@ import bz2
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,11 +148,13 @@ def read_sni(path: Path, positive_examples: int = 0) -> tuple[list[Example], str
 
 
 def read_gsm8k(path: Path) -> list[Example]:
+    """GSM8K's calculator annotations (`<<48/2=24>>`) are dropped from the rationale: they are
+    calls to a tool the model does not have, about a third of the tokens, and nothing to learn."""
     out = []
     for n, row in enumerate(_jsonl(path), 1):
         _need(row, ("question", "answer"), f"{path}: record {n}")
         final = str(row["answer"]).split("####")[-1].strip().replace(",", "")
-        rationale = str(row["answer"]).split("####")[0].strip()
+        rationale = re.sub(r"<<[^<>]*>>", "", str(row["answer"]).split("####")[0]).strip()
         target = f"{rationale}\nThe answer is {final}."
         out.append(Example("Solve the math word problem. End with 'The answer is N.'", str(row["question"]),
                            target, [final], str(n)))

@@ -35,8 +35,15 @@ def last_position(ids: torch.Tensor) -> torch.Tensor:
 def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, on_token: Callable[[int, int], None] | None = None,
                  stop: Callable[[int], bool] | None = None,
-                 row_limits: list[int] | None = None) -> list[list[int]]:
+                 row_limits: list[int] | None = None,
+                 on_select: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     """New token ids for each prompt; greedy when temperature is 0. Stops a row at `eos_id`.
+
+    Finished rows leave the batch (once they are a quarter of it, so the KV cache is not copied
+    every step): a batch costs about the sum of its rows' lengths rather than its size times the
+    longest. A model that holds per-row state (a routing plan, per-row prefixes) follows along
+    through `on_select(rows)`: from the next forward on, the batch holds these prompts' rows, in
+    this order.
 
     Optional hooks, for a server that streams and drops requests: `on_token(row, token)` is
     called for each token as soon as it is chosen (never for the eos); `stop(row)` is asked
@@ -52,15 +59,24 @@ def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_
     ids, mask = left_pad(prompts, pad_id)
     gen = torch.Generator().manual_seed(seed)
     logits, cache = forward(model, ids, mask, logits_to_keep=last_position(ids))
-    done = torch.tensor([lim <= 0 for lim in limits], dtype=torch.bool)
+    done = [lim <= 0 for lim in limits]
+    rows = list(range(n))  # the prompt of each batch position
     out: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
         if stop is not None:
-            for i in range(n):
+            for i in rows:
                 if not done[i] and stop(i):
                     done[i] = True
-        if done.all():
+        keep = [p for p, i in enumerate(rows) if not done[i]]
+        if not keep:
             break
+        if len(rows) - len(keep) >= max(1, len(rows) // 4):
+            idx = torch.tensor(keep)
+            cache.batch_select_indices(idx)
+            mask, logits = mask[idx], logits[idx]
+            rows = [rows[p] for p in keep]
+            if on_select is not None:
+                on_select(rows)
         last = logits[:, -1, :].float()
         if temperature > 0:
             nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen).squeeze(1)
@@ -69,7 +85,7 @@ def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_
         # rows at their limit: their last token is still fed once, as a row running to max_new_tokens
         # always was (routing reports count the tokens the model saw)
         full = []
-        for i, tok in enumerate(nxt.tolist()):
+        for i, tok in zip(rows, nxt.tolist()):
             if not done[i]:
                 if tok == eos_id:
                     done[i] = True
@@ -79,12 +95,14 @@ def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_
                         on_token(i, tok)
                     if len(out[i]) >= limits[i]:
                         full.append(i)
-        if done.all():
+        running = torch.tensor([not done[i] for i in rows])
+        if not running.any():
             break
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
+        nxt = torch.where(running, nxt, torch.full_like(nxt, pad_id))
+        mask = torch.cat([mask, running.long().unsqueeze(1)], dim=1)
         logits, cache = forward(model, nxt.unsqueeze(1), mask, cache)
-        done[full] = True
+        for i in full:
+            done[i] = True
     return out
 
 

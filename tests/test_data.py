@@ -35,9 +35,10 @@ def test_llm_adapters_sni_gsm8k_hellaswag(tmp_path):
     t = load_task(sni, positive_examples=1)
     assert t.format == "sni" and t.name == "task1_caps" and t.description == "Return the capital."
     assert t.examples[0].references == ["Paris", "paris"] and "Example input: Peru" in t.examples[0].instruction
-    g = write(tmp_path / "gsm.jsonl", json.dumps({"question": "1+1?", "answer": "1 and 1 make 2\n#### 2"}) + "\n")
+    g = write(tmp_path / "gsm.jsonl", json.dumps({"question": "1+1?", "answer": "1 and 1 make <<1+1=2>>2\n#### 2"}) + "\n")
     t = load_task(g)
-    assert t.format == "gsm8k" and t.examples[0].references == ["2"] and "The answer is 2." in t.examples[0].output
+    assert t.format == "gsm8k" and t.examples[0].references == ["2"]
+    assert t.examples[0].output == "1 and 1 make 2\nThe answer is 2."  # the calculator annotation dropped
     h = write(tmp_path / "hs.txt", "A man walks\n2\nsits\nruns\nwalks on\nflies\n")
     t = load_task(h)
     assert t.examples[0].references == ["ending3"]

@@ -110,10 +110,16 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
                 return False
 
             emit = None if on_token is None else (lambda i, t, start=start: on_token(start + i, t))
+
+            def narrow(rows, plan=plan, family=family):
+                if plan is not None:
+                    plan.select(rows)
+                family.select(rows)
+
             with routing(model, plan) if plan is not None else contextlib.nullcontext(), family.applied(model):
                 outs = generate_ids(model, prompts, tok.eos_token_id, tok.pad_token_id, longest, on_token=emit,
                                     stop=stop if should_stop is not None else None,
-                                    row_limits=[r.max_new_tokens for r in chunk])
+                                    row_limits=[r.max_new_tokens for r in chunk], on_select=narrow)
             for i, (r, ids) in enumerate(zip(chunk, outs)):
                 if family.routes[i] is not None:
                     experts, per_layer = family.report(i, explain)

@@ -182,28 +182,37 @@ class FamilyPlan:
     (normalised, from `split_route`) or None. Apply it with `with plan.applied(model): ...`."""
 
     def __init__(self, model: nn.Module, routes: list[dict | None], others: dict):
-        param = next(model.parameters())
-        self.b = len(routes)
+        self.model = model
         self.routes, self.others = routes, others
-        rows: dict[str, list[tuple[int, float]]] = {}
-        prefixes: list[PrefixExpert | None] = [None] * self.b
-        for i, route in enumerate(routes):
-            for name, w in (route or {}).items():
-                if isinstance(others[name], PrefixExpert):
-                    prefixes[i] = others[name]
-                else:
-                    rows.setdefault(name, []).append((i, w))
-        # per expert: its rows (None: every row) and each row's weight times the expert's scale
+        self._applied = False
+        self._all_prefixes = _row_prefix(model, [next((others[n] for n in (r or {}) if isinstance(others[n], PrefixExpert)),
+                                                      None) for r in routes])
+        self.select(list(range(len(routes))))
+        self.sites = {s: e.kind == "parallel" for e, _, _ in self.groups for s in e.down}  # site -> parallel?
+        self._check_sites(model)
+
+    def select(self, rows: list[int]) -> None:
+        """From the next forward on, the batch holds only these rows of the plan, in this order (a
+        generation drops the rows that finished)."""
+        param = next(self.model.parameters())
+        self.b = len(rows)
+        groups: dict[str, list[tuple[int, float]]] = {}
+        for p, i in enumerate(rows):
+            for name, w in (self.routes[i] or {}).items():
+                if not isinstance(self.others[name], PrefixExpert):
+                    groups.setdefault(name, []).append((p, w))
+        # per expert: its batch positions (None: every one) and each one's weight times the expert's scale
         self.groups = []
-        for name, pairs in rows.items():
-            e = others[name]
-            idx = [i for i, _ in pairs]
+        for name, pairs in groups.items():
+            e = self.others[name]
+            idx = [p for p, _ in pairs]
             w = torch.tensor([w * e.scale for _, w in pairs], dtype=torch.float32, device=param.device)
             self.groups.append((e, None if idx == list(range(self.b)) else torch.tensor(idx, device=param.device),
                                 w.view(-1, 1, 1)))
-        self.sites = {s: e.kind == "parallel" for e, _, _ in self.groups for s in e.down}  # site -> parallel?
-        self._check_sites(model)
-        self.prefix = _row_prefix(model, prefixes)
+        full = self._all_prefixes  # its keys are in the KV cache from the first forward; the rows' mask follows them
+        self.prefix = None if full is None else RowPrefix(full.keys[:, rows], full.values[:, rows], full.row_mask[rows])
+        if self._applied and self.prefix is not None:
+            self.model.__dict__[PREFIX_ATTR] = self.prefix
 
     def _check_sites(self, model: nn.Module) -> None:
         hidden = model.config.hidden_size
@@ -236,6 +245,7 @@ class FamilyPlan:
             yield self
             return
         handles = []
+        self._applied = True
         try:
             for site, parallel in self.sites.items():
                 handles.append(model.get_submodule(site).register_forward_hook(self._hook(site, parallel)))
@@ -246,17 +256,19 @@ class FamilyPlan:
             for h in handles:
                 h.remove()
             model.__dict__.pop(PREFIX_ATTR, None)
+            self._applied = False
 
     def _hook(self, site: str, parallel: bool):
         """Adds the site's weighted bottleneck outputs to the module's output, row group by row group.
         Every expert reads the same input (the sub-layer output for series, the MLP input for
         parallel), so the deltas are computed from it before any is added."""
-        groups = [(e.down[site], e.up[site], rows, w) for e, rows, w in self.groups if site in e.down]
-
         def hook(module, args, out):
             h = args[0] if parallel else out
             y = out
-            for (wd, bd), (wu, bu), rows, w in groups:
+            for e, rows, w in self.groups:  # read at every call: `select` may have narrowed them
+                if site not in e.down:
+                    continue
+                (wd, bd), (wu, bu) = e.down[site], e.up[site]
                 x = h if rows is None else h.index_select(0, rows)
                 delta = (F.linear(F.relu(F.linear(x.to(wd.dtype), wd, bd)), wu, bu) * w).to(out.dtype)
                 y = y + delta if rows is None else y.index_add(0, rows, delta)

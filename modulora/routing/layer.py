@@ -278,52 +278,68 @@ class RoutingPlan:
             if m not in MODES:
                 raise RoutingError(f"unknown composition mode {m!r}; use 'mixture' (output mixture) or "
                                    "'average' (parameter averaging)")
-        device = expert_set.device
-        self.expert_set, self.b, self.explain, self.modes = expert_set, b, explain, modes
+        self.expert_set, self.explain, self.modes = expert_set, explain, modes
         self.routes: list = []
-        mix_rows, avg_rows, arrow_rows = [], [], defaultdict(list)
-        for i, (route, mode) in enumerate(zip(routes, modes)):
+        for i, route in enumerate(routes):
             if route is None:
                 self.routes.append(None)
             elif isinstance(route, Arrow):
                 route.candidates(expert_set)  # validates
                 self.routes.append(route)
-                arrow_rows[(route, mode)].append(i)
             elif isinstance(route, dict):
-                route = expert_set.normalise(route)
-                self.routes.append(route)
-                (avg_rows if mode == "average" and len(route) > 1 else mix_rows).append(i)
+                self.routes.append(expert_set.normalise(route))
             else:
                 raise RoutingError(f"row {i}: a route is a dict of expert weights, an Arrow, or None; got "
                                    f"{type(route).__name__}")
-        # per row: sequence-level experts and weights [b, k] (k = most experts of any row; padded,
-        # and rows without a sequence route, with weight 0)
-        k = max([len(r) for r in self.routes if isinstance(r, dict)], default=0)
-        self.indices = torch.zeros(b, k, dtype=torch.long)
-        self.weights = torch.zeros(b, k)
-        for i, r in enumerate(self.routes):
-            if isinstance(r, dict):
-                for j, (name, weight) in enumerate(r.items()):
-                    self.indices[i, j], self.weights[i, j] = expert_set.index(name), weight
-
-        def seq_group(rows):
-            return _SeqGroup(rows, self.indices[rows], self.weights[rows], expert_set, b, device) if rows else None
-
-        self.mix, self.avg = seq_group(mix_rows), seq_group(avg_rows)
-        self.arrows = [_ArrowGroup(spec, rows, expert_set, mode == "average", device)
-                       for (spec, mode), rows in arrow_rows.items()]
-        self.active = bool(mix_rows or avg_rows or arrow_rows)
-        self.protos = arrow_mod.prototypes(expert_set) if self.arrows else None
-        self._cache: dict = {}
+        self.protos = None
         self.fwd: _Forward | None = None
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens [b, t]
-        self.tokens_seen = torch.zeros(b, dtype=torch.float64)
         # report() summarises a row over its own tokens: [lo, hi) of the prompt per row, set by
         # the caller so that chat-template tokens shared by every request do not dominate
         self.content_spans: list[tuple[int, int]] | None = None
-        # Arrow rows: sum over valid tokens of each expert's weight, per module [b, E]
+        # what report() reads, per row of the plan (however the batch was narrowed since): tokens
+        # counted, and for Arrow rows the sum over them of each expert's weight, per module [rows, E]
+        self.tokens_seen = torch.zeros(b, dtype=torch.float64)
         self.weight_sums: dict[str, torch.Tensor] = {}
         self._E = len(expert_set)
+        self.select(list(range(b)))
+
+    def select(self, rows: list[int]) -> None:
+        """From the next forward on, the batch holds only these rows of the plan, in this order (a
+        generation drops the rows that finished); reports still count each row's earlier tokens."""
+        expert_set, device = self.expert_set, self.expert_set.device
+        self.origin = list(rows)
+        self._origin_cpu = torch.tensor(self.origin, dtype=torch.long)
+        self._origin = self._origin_cpu.to(device)
+        self.b = len(rows)
+        mix_rows, avg_rows, arrow_rows = [], [], defaultdict(list)
+        for p, i in enumerate(rows):
+            route, mode = self.routes[i], self.modes[i]
+            if isinstance(route, Arrow):
+                arrow_rows[(route, mode)].append(p)
+            elif isinstance(route, dict):
+                (avg_rows if mode == "average" and len(route) > 1 else mix_rows).append(p)
+        # per batch position: sequence-level experts and weights [b, k] (k = most experts of any
+        # row; padded, and rows without a sequence route, with weight 0)
+        k = max([len(self.routes[i]) for i in rows if isinstance(self.routes[i], dict)], default=0)
+        self.indices = torch.zeros(self.b, k, dtype=torch.long)
+        self.weights = torch.zeros(self.b, k)
+        for p, i in enumerate(rows):
+            r = self.routes[i]
+            if isinstance(r, dict):
+                for j, (name, weight) in enumerate(r.items()):
+                    self.indices[p, j], self.weights[p, j] = expert_set.index(name), weight
+
+        def seq_group(pos):
+            return _SeqGroup(pos, self.indices[pos], self.weights[pos], expert_set, self.b, device) if pos else None
+
+        self.mix, self.avg = seq_group(mix_rows), seq_group(avg_rows)
+        self.arrows = [_ArrowGroup(spec, pos, expert_set, mode == "average", device)
+                       for (spec, mode), pos in arrow_rows.items()]
+        self.active = bool(mix_rows or avg_rows or arrow_rows)
+        if self.arrows and self.protos is None:
+            self.protos = arrow_mod.prototypes(expert_set)
+        self._cache: dict = {}  # per-module tensors of these groups
 
     # -- per forward ---------------------------------------------------------------------------
 
@@ -353,8 +369,9 @@ class RoutingPlan:
         counted = valid
         if self.content_spans is not None and t > 1:
             pos = torch.arange(t, device=dev)
-            lo = torch.tensor([a for a, _ in self.content_spans], device=dev).unsqueeze(1)
-            hi = torch.tensor([z for _, z in self.content_spans], device=dev).unsqueeze(1)
+            spans = [self.content_spans[i] for i in self.origin]
+            lo = torch.tensor([a for a, _ in spans], device=dev).unsqueeze(1)
+            hi = torch.tensor([z for _, z in spans], device=dev).unsqueeze(1)
             counted = valid & (pos >= lo) & (pos < hi)
         for g in self.arrows:
             sub = valid.index_select(0, g.rows)                                       # [rows, t]
@@ -364,7 +381,7 @@ class RoutingPlan:
             fwd.tokens[id(g)] = None if toks.numel() == b * t else toks
             fwd.token_rows[id(g)] = g.rows.repeat_interleave(t)[keep]
             fwd.counted[id(g)] = counted.index_select(0, g.rows).reshape(-1)[keep]
-        self.tokens_seen += counted.sum(1).to(self.tokens_seen)
+        self.tokens_seen.index_add_(0, self._origin_cpu, counted.sum(1).to(self.tokens_seen))
         self.token_mask = valid
         self.fwd = fwd
 
@@ -492,10 +509,11 @@ class RoutingPlan:
                 yf.index_add_(0, toks, delta)
         sums = self.weight_sums.get(name)
         if sums is None:
-            sums = self.weight_sums[name] = torch.zeros(self.b, self._E, dtype=torch.float64, device=x.device)
+            sums = self.weight_sums[name] = torch.zeros(len(self.routes), self._E, dtype=torch.float64,
+                                                        device=x.device)
         per_token = w.new_zeros(w.shape[0], self._E).scatter_(1, idx, w)
         per_token *= fwd.counted[id(g)].unsqueeze(1).to(per_token.dtype)
-        sums.index_add_(0, fwd.token_rows[id(g)], per_token.to(sums.dtype))
+        sums.index_add_(0, self._origin[fwd.token_rows[id(g)]], per_token.to(sums.dtype))
 
     # -- what happened -------------------------------------------------------------------------
 
