@@ -154,6 +154,37 @@ def test_prefix_per_request_is_batch_invariant(fam):
     assert not any(m._forward_hooks for m in model.modules())
 
 
+def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam):
+    """Requests with different token limits in one batch: as rows finish, the batch narrows (the
+    KV cache, the per-row prefixes and bottleneck groups follow); every answer is still what its
+    adapter gives alone, and the prefix rows' mask stays aligned with their cached keys."""
+    base, others = fam["base"], fam["others"]
+    es = ExpertSet(load_experts(fam["lib"], fingerprint=base.fingerprint))
+    names = ["pre4", "s1", "l1", "pre8", None, "p1"]
+    limits = [2, 8, 1, 8, 3, 5]
+    prompts = PROMPTS + ["one more"]
+    reqs = [Request(p, {n: 1.0} if n else None, max_new_tokens=k) for p, n, k in zip(prompts, names, limits)]
+    seen: list[list[int]] = []
+    import modulora.routing.batch as batch_mod
+    real = batch_mod.generate_ids
+
+    def spy(*a, on_select=None, **kw):
+        def record(rows):
+            seen.append(list(rows))
+            on_select(rows)
+        return real(*a, on_select=record, **kw)
+
+    batch_mod.generate_ids = spy
+    try:
+        answers = generate_routed(base, es, reqs, others=others, batch_size=6)
+    finally:
+        batch_mod.generate_ids = real
+    assert seen and len(seen[-1]) < 6, "no row left the batch"
+    for name, prompt, k, ans in zip(names, prompts, limits, answers):
+        assert ans.text == answer_alone(fam, name, prompt, n=k), name
+        assert len(ans.token_ids) <= k
+
+
 @pytest.mark.parametrize("route,mode,needle", [
     ({"s1": 1, "p1": 1}, "mixture", r"route mixes s1 \(series pfeiffer\) and p1 \(parallel\)"),
     ({"s1": 1, "h1": 1}, "mixture", r"mixes s1 \(series pfeiffer\) and h1 \(series houlsby\)"),
