@@ -15,6 +15,7 @@ from modulora.generate import generate, using_adapter
 from modulora.library import Library
 from modulora.routing.api import Router
 from modulora.routing.arrow import Arrow
+import modulora.routing.batch as batch_mod
 from modulora.routing.batch import Request, generate_routed
 from modulora.routing.experts import ExpertSet, RoutingError, load_experts
 from modulora.routing.family import FamilyPlan, load_family
@@ -154,7 +155,7 @@ def test_prefix_per_request_is_batch_invariant(fam):
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam):
+def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam, monkeypatch):
     """Requests with different token limits in one batch: as rows finish, the batch narrows (the
     KV cache, the per-row prefixes and bottleneck groups follow); every answer is still what its
     adapter gives alone, and the prefix rows' mask stays aligned with their cached keys."""
@@ -165,7 +166,6 @@ def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam):
     prompts = PROMPTS + ["one more"]
     reqs = [Request(p, {n: 1.0} if n else None, max_new_tokens=k) for p, n, k in zip(prompts, names, limits)]
     seen: list[list[int]] = []
-    import modulora.routing.batch as batch_mod
     real = batch_mod.generate_ids
 
     def spy(*a, on_select=None, **kw):
@@ -174,11 +174,8 @@ def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam):
             on_select(rows)
         return real(*a, on_select=record, **kw)
 
-    batch_mod.generate_ids = spy
-    try:
-        answers = generate_routed(base, es, reqs, others=others, batch_size=6)
-    finally:
-        batch_mod.generate_ids = real
+    monkeypatch.setattr(batch_mod, "generate_ids", spy)
+    answers = generate_routed(base, es, reqs, others=others, batch_size=6)
     assert seen and len(seen[-1]) < 6, "no row left the batch"
     for name, prompt, k, ans in zip(names, prompts, limits, answers):
         assert ans.text == answer_alone(fam, name, prompt, n=k), name
