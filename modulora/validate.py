@@ -9,6 +9,7 @@ torch, so that `modulora library ...` commands start fast.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-CARD = "card.json"
-README = "README.md"
-ALLOWED_FILES = (CONFIG, WEIGHTS, CARD, README)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-PICKLE_MESSAGE = "pickle-based weights are not accepted; use safetensors"
-TYPES = ("lora", "series", "parallel", "prefix")
+from .adapters.format import (ALLOWED_FILES, LIMITS, OWN_TYPES, PICKLE_MESSAGE, PICKLE_SUFFIXES, PREFIX_KEYS,
+                              FormatError, Limits, bottleneck_sites, expect_shape, lora_modules, lora_spec,
+                              own_settings, parse_bottleneck_key)
+from .adapters.format import CARD_FILE as CARD
+from .adapters.format import CONFIG_FILE as CONFIG
+from .adapters.format import README_FILE as README
+from .adapters.format import WEIGHTS_FILE as WEIGHTS
+
+__all__ = ["ALLOWED_FILES", "CARD", "CONFIG", "Limits", "PICKLE_MESSAGE", "PICKLE_SUFFIXES", "README", "WEIGHTS",
+           "Validated", "ValidationError", "validate_adapter_dir", "validate_name"]
 
 # Files up to this size are read once into memory: what is checked is then exactly what is stored.
 # Larger ones stay on disk (`files` holds their path) and the library re-hashes them as it copies.
@@ -46,15 +49,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 class ValidationError(ValueError):
     """An adapter directory (or name) is refused; the message says what is wrong and where."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_rank: int = 256
-    max_bottleneck: int = 4096
-    max_virtual_tokens: int = 512
-    max_file_bytes: int = 512 << 20
-    max_json_bytes: int = 8 << 20  # adapter_config.json, card.json, README.md and the safetensors header
 
 
 @dataclass
@@ -266,151 +260,47 @@ def _check_safetensors(source, size: int, limits: Limits) -> dict:
 # configs and layouts
 
 
-def _positive_int(config: dict, key: str, limit: int, what: str) -> int:
-    value = config.get(key)
-    if type(value) is not int or value < 1:
-        raise ValidationError(f"{CONFIG}: {key} must be a positive integer, got {value!r}")
-    if value > limit:
-        raise ValidationError(f"{CONFIG}: {what} {key}={value} is over the limit of {limit}")
-    return value
+@contextlib.contextmanager
+def _in(filename: str):
+    """Report a format rule broken in `filename` as a ValidationError naming that file."""
+    try:
+        yield
+    except FormatError as e:
+        raise ValidationError(f"{filename}: {e}") from None
 
 
 def _config_type(config: dict, limits: Limits) -> str:
     peft_type, mtype = config.get("peft_type"), config.get("modulora_type")
     if peft_type is not None and mtype is not None:
         raise ValidationError(f"{CONFIG} sets both peft_type and modulora_type; use one")
-    if peft_type is not None:
-        if peft_type != "LORA":
-            raise ValidationError(f"{CONFIG}: unsupported PEFT type {peft_type!r}; only LORA is supported")
-        _positive_int(config, "r", limits.max_rank, "LoRA rank")
-        alpha = config.get("lora_alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValidationError(f"{CONFIG}: lora_alpha must be a number, got {alpha!r}")
-        if config.get("use_dora"):
-            raise ValidationError(f"{CONFIG}: DoRA (use_dora: true) is not supported")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if config.get(key):
-                raise ValidationError(f"{CONFIG}: a non-empty {key} is not supported (one rank and alpha "
-                                      "for every module)")
-        if config.get("bias", "none") != "none":
-            raise ValidationError(f"{CONFIG}: bias={config.get('bias')!r} is not supported; use \"none\"")
-        if config.get("lora_bias"):
-            raise ValidationError(f"{CONFIG}: lora_bias: true is not supported")
-        if config.get("fan_in_fan_out"):
-            raise ValidationError(f"{CONFIG}: fan_in_fan_out: true is not supported (Llama layers are nn.Linear)")
-        if config.get("modules_to_save"):
-            raise ValidationError(f"{CONFIG}: modules_to_save is not supported (it stores full copies of "
-                                  "base weights)")
-        return "lora"
-    if mtype is None:
+    if peft_type is None and mtype is None:
         raise ValidationError(f"{CONFIG} has neither peft_type \"LORA\" nor modulora_type "
-                              "(series, parallel or prefix)")
-    if mtype not in ("series", "parallel", "prefix"):
-        raise ValidationError(f"{CONFIG}: unknown modulora_type {mtype!r}; use series, parallel or prefix")
-    if mtype == "prefix":
-        _positive_int(config, "num_virtual_tokens", limits.max_virtual_tokens, "prefix length")
-    else:
-        _positive_int(config, "bottleneck", limits.max_bottleneck, "bottleneck size")
-        if mtype == "series" and config.get("placement", "pfeiffer") not in ("houlsby", "pfeiffer"):
-            raise ValidationError(f"{CONFIG}: placement must be houlsby or pfeiffer, "
-                                  f"got {config.get('placement')!r}")
+                              f"({', '.join(OWN_TYPES)})")
+    with _in(CONFIG):
+        if peft_type is not None:
+            lora_spec(config, limits)
+            return "lora"
+        own_settings(mtype, config, limits)
     return mtype
-
-
-def _expect_shape(key: str, shape: list, expected: list, meaning: str) -> None:
-    if len(shape) != len(expected) or any(e is not None and s != e for s, e in zip(shape, expected)):
-        shown = ["?" if e is None else e for e in expected]
-        raise ValidationError(f"{WEIGHTS}: tensor {key!r} has shape {list(shape)}, expected "
-                              f"[{', '.join(map(str, shown))}] ({meaning})")
-
-
-def _check_layer(key: str, layer: int, fp: dict | None) -> None:
-    if fp is not None and "num_layers" in fp and layer >= fp["num_layers"]:
-        raise ValidationError(f"{WEIGHTS}: tensor {key!r} is for layer {layer}, but the base model has "
-                              f"{fp['num_layers']} layers")
-
-
-def _module_shape(module: str, key: str, fp: dict | None) -> list | None:
-    if fp is None or "modules" not in fp:
-        return None
-    if module not in fp["modules"]:
-        raise ValidationError(f"{WEIGHTS}: tensor {key!r} adapts {module}, which the base model does not "
-                              f"have (it has {', '.join(fp['modules'])})")
-    return list(fp["modules"][module])
-
-
-_LORA_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.([A-Za-z_]\w*\.[A-Za-z_]\w*)"
-                      r"\.lora_(A|B)(\.default)?\.weight")
-
-
-def _check_lora(shapes: dict, config: dict, fp: dict | None) -> None:
-    r = config["r"]
-    targets = config.get("target_modules")
-    layers_to_transform = config.get("layers_to_transform")
-    if isinstance(layers_to_transform, int):
-        layers_to_transform = [layers_to_transform]
-    groups: dict[tuple[int, str], dict[str, str]] = {}
-    for key in shapes:
-        m = _LORA_RE.fullmatch(key)
-        if not m:
-            raise ValidationError(f"{WEIGHTS}: unexpected tensor key {key!r}; a LoRA file holds keys like "
-                                  "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
-        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-        _check_layer(key, layer, fp)
-        if isinstance(targets, list):
-            full = f"model.layers.{layer}.{module}"
-            if not any(full == t or full.endswith("." + t) for t in targets if isinstance(t, str)):
-                raise ValidationError(f"{WEIGHTS}: tensor {key!r} adapts {module}, which is not in "
-                                      f"target_modules {targets}")
-        if isinstance(layers_to_transform, list) and layer not in layers_to_transform:
-            raise ValidationError(f"{WEIGHTS}: tensor {key!r} is for layer {layer}, not in "
-                                  f"layers_to_transform {layers_to_transform}")
-        group = groups.setdefault((layer, module), {})
-        if ab in group:
-            raise ValidationError(f"{WEIGHTS}: lora_{ab} of layer {layer} {module} appears twice "
-                                  f"({group[ab]!r} and {key!r})")
-        group[ab] = key
-    for (layer, module), group in sorted(groups.items()):
-        for ab in "AB":
-            if ab not in group:
-                raise ValidationError(f"{WEIGHTS}: layer {layer} {module} has no lora_{ab} weight")
-        out_in = _module_shape(module, group["A"], fp) or [None, None]
-        _expect_shape(group["A"], shapes[group["A"]], [r, out_in[1]], f"lora_A is [r, in] with r={r}")
-        _expect_shape(group["B"], shapes[group["B"]], [out_in[0], r], f"lora_B is [out, r] with r={r}")
-        if out_in[0] is None and shapes[group["A"]][1] == 0:
-            raise ValidationError(f"{WEIGHTS}: tensor {group['A']!r} is empty")
-
-
-_SERIES_RE = re.compile(r"model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.adapter_(down|up)\.(weight|bias)")
-_PARALLEL_RE = re.compile(r"model\.layers\.(\d+)\.(mlp)\.adapter_(down|up)\.(weight|bias)")
-
-
-def _hidden(fp: dict | None, module: str | None, index: int) -> int | None:
-    if fp is None:
-        return None
-    if module and module in fp.get("modules", {}):
-        return fp["modules"][module][index]
-    return fp.get("hidden_size")
 
 
 def _check_bottleneck(kind: str, shapes: dict, config: dict, fp: dict | None) -> None:
     b = config["bottleneck"]
-    pattern = _SERIES_RE if kind == "series" else _PARALLEL_RE
     placement = config.get("placement", "pfeiffer")
-    example = ("model.layers.0.mlp.down_proj.adapter_down.weight" if kind == "series"
-               else "model.layers.0.mlp.adapter_down.weight")
+    allowed = bottleneck_sites(kind, placement)
     sites: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
-        m = pattern.fullmatch(key)
-        if not m:
-            raise ValidationError(f"{WEIGHTS}: unexpected tensor key {key!r} for a {kind} adapter; "
-                                  f"keys look like {example}")
-        layer, site = int(m.group(1)), m.group(2)
+        parsed = parse_bottleneck_key(key)
+        if parsed is None:
+            raise ValidationError(f"{WEIGHTS}: unexpected tensor key {key!r} for a {kind} adapter; keys look "
+                                  f"like model.layers.0.{allowed[-1]}.adapter_down.weight")
+        layer, site, part = parsed
         _check_layer(key, layer, fp)
-        if kind == "series" and placement == "pfeiffer" and site != "mlp.down_proj":
-            raise ValidationError(f"{WEIGHTS}: tensor {key!r} is at {site}, but a pfeiffer adapter sits only "
-                                  "after mlp.down_proj")
-        sites.setdefault((layer, site), {})[f"{m.group(3)}.{m.group(4)}"] = key
+        if site not in allowed:
+            where = f"a {placement} adapter" if kind == "series" else "a parallel adapter"
+            raise ValidationError(f"{WEIGHTS}: tensor {key!r} is at {site}, but {where} sits only at "
+                                  f"{', '.join(allowed)}")
+        sites.setdefault((layer, site), {})[part] = key
     if not sites:
         raise ValidationError(f"{WEIGHTS} holds no adapter tensors")
     seen_h: dict[str, int] = {}
@@ -426,37 +316,53 @@ def _check_bottleneck(kind: str, shapes: dict, config: dict, fp: dict | None) ->
         if h_in is None:  # no base to compare with: at least keep every site consistent
             h_in = seen_h.setdefault("in", shapes[dw][1] if len(shapes[dw]) == 2 else -1)
             h_out = seen_h.setdefault("out", shapes[uw][0] if len(shapes[uw]) == 2 else -1)
-        _expect_shape(dw, shapes[dw], [b, h_in], f"adapter_down is [bottleneck, hidden] with bottleneck={b}")
-        _expect_shape(uw, shapes[uw], [h_out, b], f"adapter_up is [hidden, bottleneck] with bottleneck={b}")
-        if "down.bias" in parts:
-            _expect_shape(parts["down.bias"], shapes[parts["down.bias"]], [b], "adapter_down bias is [bottleneck]")
-        if "up.bias" in parts:
-            _expect_shape(parts["up.bias"], shapes[parts["up.bias"]], [h_out], "adapter_up bias is [hidden]")
+        with _in(WEIGHTS):
+            expect_shape(dw, shapes[dw], [b, h_in], f"adapter_down is [bottleneck, hidden] with bottleneck={b}")
+            expect_shape(uw, shapes[uw], [h_out, b], f"adapter_up is [hidden, bottleneck] with bottleneck={b}")
+            if "down.bias" in parts:
+                expect_shape(parts["down.bias"], shapes[parts["down.bias"]], [b], "adapter_down bias is [bottleneck]")
+            if "up.bias" in parts:
+                expect_shape(parts["up.bias"], shapes[parts["up.bias"]], [h_out], "adapter_up bias is [hidden]")
+
+
+def _check_layer(key: str, layer: int, fp: dict | None) -> None:
+    if fp is not None and "num_layers" in fp and layer >= fp["num_layers"]:
+        raise ValidationError(f"{WEIGHTS}: tensor {key!r} is for layer {layer}, but the base model has "
+                              f"{fp['num_layers']} layers")
+
+
+def _hidden(fp: dict | None, module: str | None, index: int) -> int | None:
+    if fp is None:
+        return None
+    if module and module in fp.get("modules", {}):
+        return fp["modules"][module][index]
+    return fp.get("hidden_size")
 
 
 def _check_prefix(shapes: dict, config: dict, fp: dict | None) -> None:
     p = config["num_virtual_tokens"]
-    if set(shapes) != {"prefix.keys", "prefix.values"}:
-        raise ValidationError(f"{WEIGHTS}: a prefix adapter holds exactly the tensors prefix.keys and "
-                              f"prefix.values, found {sorted(shapes)}")
+    if set(shapes) != set(PREFIX_KEYS):
+        raise ValidationError(f"{WEIGHTS}: a prefix adapter holds exactly the tensors {' and '.join(PREFIX_KEYS)}, "
+                              f"found {sorted(shapes)}")
     layers = fp.get("num_layers") if fp else None
     meaning = f"[num_layers, num_kv_heads, num_virtual_tokens={p}, head_dim]"
-    for key, proj in (("prefix.keys", "self_attn.k_proj"), ("prefix.values", "self_attn.v_proj")):
+    for key, proj in zip(PREFIX_KEYS, ("self_attn.k_proj", "self_attn.v_proj")):
         shape = shapes[key]
-        _expect_shape(key, shape, [layers, None, p, None], meaning)
+        with _in(WEIGHTS):
+            expect_shape(key, shape, [layers, None, p, None], meaning)
         width = _hidden(fp, proj, 0) if fp and proj in fp.get("modules", {}) else None
         if width is not None and shape[1] * shape[3] != width:
             raise ValidationError(f"{WEIGHTS}: tensor {key!r} has shape {shape}: num_kv_heads*head_dim = "
                                   f"{shape[1] * shape[3]}, but the base model's {proj} has {width} outputs")
-    if shapes["prefix.keys"] != shapes["prefix.values"]:
-        raise ValidationError(f"{WEIGHTS}: prefix.keys {shapes['prefix.keys']} and prefix.values "
-                              f"{shapes['prefix.values']} differ in shape")
+    if shapes[PREFIX_KEYS[0]] != shapes[PREFIX_KEYS[1]]:
+        raise ValidationError(f"{WEIGHTS}: {PREFIX_KEYS[0]} {shapes[PREFIX_KEYS[0]]} and {PREFIX_KEYS[1]} "
+                              f"{shapes[PREFIX_KEYS[1]]} differ in shape")
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def validate_adapter_dir(path, fingerprint: dict | None = None, limits: Limits = Limits()) -> Validated:
+def validate_adapter_dir(path, fingerprint: dict | None = None, limits: Limits = LIMITS) -> Validated:
     """Check an adapter directory; return what was read. Writes nothing.
 
     Shapes are compared with `fingerprint` (the base the adapter is meant for); without one, with the
@@ -505,7 +411,8 @@ def validate_adapter_dir(path, fingerprint: dict | None = None, limits: Limits =
     if fp is not None and not isinstance(fp, dict):
         raise ValidationError("the base fingerprint must be a dict (see modulora.base.fingerprint)")
     if adapter_type == "lora":
-        _check_lora(shapes, config, fp)
+        with _in(WEIGHTS):
+            lora_modules(lora_spec(config, limits), shapes, fp, limits)
     elif adapter_type == "prefix":
         _check_prefix(shapes, config, fp)
     else:

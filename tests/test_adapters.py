@@ -330,14 +330,17 @@ def test_unknown_and_missing_keys(lora_dir, tmp_path, model):
 
 
 @pytest.mark.parametrize("option,message", [
-    ({"peft_type": "IA3"}, "unsupported PEFT adapter type 'IA3'"),
+    ({"peft_type": "IA3"}, "unsupported PEFT type 'IA3'"),
     ({"use_dora": True}, "DoRA"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern"),
+    ({"alpha_pattern": {"q_proj": -8}}, "alpha_pattern"),
+    ({"lora_alpha": -8}, "lora_alpha must be a finite number > 0"),
+    ({"lora_alpha": 1e308}, "lora_alpha=1e\\+308 with r=4 gives scaling .* over the limit"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "all"}, "bias"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     ({"init_lora_weights": "pissa"}, "changes the base"),
-    ({"r": 1000}, "r must be an integer"),
+    ({"r": 1000}, "r=1000 is over the limit of 256"),
 ])
 def test_unsupported_peft_options(option, message, lora_dir, tmp_path):
     with pytest.raises(AdapterError, match=message):
@@ -351,7 +354,7 @@ def test_nan_weights_are_read(lora_dir, tmp_path):
 
 
 def test_config_validation_and_double_attach(model):
-    for bad, msg in [(dict(type="ia3"), "unknown adapter type"), (dict(r=0), "r must be"), (dict(r=257), "r must be"),
+    for bad, msg in [(dict(type="ia3"), "unknown adapter type"), (dict(r=0), "r must be"), (dict(r=257), "r=257 is over the limit"),
                      (dict(bottleneck=0), "bottleneck must be"), (dict(placement="middle"), "placement"),
                      (dict(dropout=1.0), "dropout"), (dict(alpha=-1.0), "alpha"), (dict(target_modules=()), "target_modules"),
                      (dict(num_virtual_tokens=0), "num_virtual_tokens")]:

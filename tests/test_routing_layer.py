@@ -480,8 +480,9 @@ def test_other_bad_input(setup, tmp_path):
         RoutingPlan(es, [Arrow(top_k=1, temperature=0)])
     with pytest.raises(RoutingError, match="a route is"):
         RoutingPlan(es, ["e0"])
+    install(setup["model"], es)  # the same set again: nothing to do (an expert store that grew wraps more)
     with pytest.raises(RoutingError, match="already installed"):
-        install(setup["model"], es)
+        install(setup["model"], ExpertSet([setup["experts"]["e0"]]))
     attached = fresh()
     load_adapter(attached, setup["dirs"]["e0"])
     with pytest.raises(RoutingError, match="adapter is attached"):

@@ -80,15 +80,24 @@ def test_completion_with_prompt_list(client):
     assert [c.index for c in resp.choices] == [0, 1] and len(resp.model_extra["routing"]) == 2
 
 
-def test_chat_completion_uses_last_user_message(client):
+def test_chat_renders_the_whole_conversation_and_completions_are_raw(client, tiny):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "hi"}, {"role": "user", "content": UPPER}]
     resp = client.chat.completions.create(model="upper", messages=msgs, max_tokens=4)
     assert resp.object == "chat.completion" and resp.choices[0].message.role == "assistant"
-    alone = client.completions.create(model="upper", prompt=UPPER, max_tokens=4)
-    assert resp.choices[0].message.content == alone.choices[0].text
-    assert resp.usage.prompt_tokens == alone.usage.prompt_tokens > 0
+    # the same conversation rendered by the tokenizer's template, sent as a raw completion
+    text = tiny.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    raw = client.completions.create(model="upper", prompt=text, max_tokens=4)
+    assert resp.choices[0].message.content == raw.choices[0].text
+    assert resp.usage.prompt_tokens == raw.usage.prompt_tokens == len(tiny.tokenizer(text)["input_ids"])
     assert experts_of(resp) == {"upper": 1.0}
+    # earlier turns count: the last user message alone is a different prompt
+    alone = client.chat.completions.create(model="upper", messages=msgs[-1:], max_tokens=4)
+    assert alone.usage.prompt_tokens < resp.usage.prompt_tokens
+    # token ids are a raw prompt too
+    ids = tiny.tokenizer(text)["input_ids"]
+    by_ids = client.completions.create(model="upper", prompt=ids, max_tokens=4)
+    assert by_ids.choices[0].text == raw.choices[0].text
 
 
 def test_concurrent_mixed_routes_match_serving_alone(client, server):
@@ -125,7 +134,7 @@ def test_unknown_model_is_404_in_openai_shape(client, server):
     (json.dumps({"model": "upper:-1", "prompt": "x"}).encode(), 400),
     (json.dumps({"model": "arrow", "prompt": "x", "top_k": 9}).encode(), 400),        # more than the library has
     (json.dumps({"model": "learned", "prompt": "x"}).encode(), 400),                  # no router trained yet
-    (json.dumps({"model": "upper", "prompt": "x", "n": 2}).encode(), 400),
+    (json.dumps({"model": "upper", "prompt": "x", "n": 17}).encode(), 400),
 ])
 def test_bad_input_is_400_in_openai_shape(server, body, status):
     r = httpx.post(f"{server[0]}/v1/completions", content=body, headers={"content-type": "application/json"})

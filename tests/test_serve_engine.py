@@ -1,6 +1,6 @@
 """What the server's worker is built on, on the tiny model with random LoRA adapters: the token
-hooks of generate_routed, continuous batching (rows joining and leaving between decode steps)
-against generate_routed, and the bounded LRU of resident experts."""
+hooks of generate_routed, the engine's continuous batching (rows joining and leaving between
+decode steps) against generate_routed, and the bounded LRU of resident experts in slots."""
 
 import pytest
 import torch
@@ -9,8 +9,9 @@ from modulora.base import load_base
 from modulora.library import Library
 from modulora.routing.arrow import Arrow
 from modulora.routing.batch import Request, generate_routed
-from modulora.routing.continuous import ContinuousBatch, Job
+from modulora.routing.engine import Engine
 from modulora.routing.experts import ExpertSet, RoutingError, load_experts
+from modulora.routing.requests import EngineRequest, SamplingParams
 from modulora.routing.resident import ResidentExperts
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -55,6 +56,17 @@ def solo(base, experts, prompt, route, mode, max_new):
     return generate_routed(base, experts, [Request(prompt, route, mode=mode, max_new_tokens=max_new)])[0]
 
 
+def new_engine(base, lib):
+    eng = Engine(base)
+    eng.use_experts(load_experts(lib, fingerprint=base.fingerprint))
+    return eng
+
+
+def request(eng, prompt, route, mode="mixture", max_new=16, **kw):
+    ids, span = eng.encode_prompt(prompt)
+    return EngineRequest(ids, route, mode=mode, params=SamplingParams(max_tokens=max_new), content_span=span, **kw)
+
+
 def test_generate_routed_hooks_stream_every_token_and_stop_a_row(base, experts):
     reqs = [Request(p, r, mode=m, max_new_tokens=n) for p, r, m, n in JOBS[:6]]
     plain = generate_routed(base, experts, reqs)
@@ -71,34 +83,36 @@ def test_generate_routed_hooks_stream_every_token_and_stop_a_row(base, experts):
     assert plain[1].finish_reason == "length" and len(plain[1].token_ids) == 20
 
 
-def test_rows_joining_and_leaving_get_their_solo_answers(base, experts):
+def test_rows_joining_and_leaving_get_their_solo_answers(base, lib, experts):
     alone = [solo(base, experts, *j) for j in JOBS]
-    eng = ContinuousBatch(base)
-    eng.set_experts(experts)
+    eng = new_engine(base, lib)
     streamed: dict[int, list[int]] = {}
-    jobs = [Job(p, r, mode=m, max_new_tokens=n, on_token=lambda t, i=i: streamed.setdefault(i, []).append(t))
+    reqs = [request(eng, p, r, m, n, on_token=lambda ev, i=i: streamed.setdefault(i, []).append(ev.token))
             for i, (p, r, m, n) in enumerate(JOBS)]
-    done = eng.add(jobs[:2])
+    done = eng.add(reqs[:2])
     widths = []
-    for j in jobs[2:]:  # one newcomer between every two decode steps
+    for r in reqs[2:]:  # one newcomer between every two decode steps
         done += eng.step()
-        done += eng.add([j])
-        widths.append((eng.mask.shape[1], max(len(r._ids) + len(r.tokens) for r in eng.rows)))
+        done += eng.add([r])
+        widths.append((eng.mask.shape[1], max(len(x.pending.req.prompt_ids) + len(x.tokens) for x in eng.rows)))
     while eng.rows:
         done += eng.step()
-    assert sorted(map(id, done)) == sorted(map(id, jobs)) and eng.cache is None
-    for i, (j, a) in enumerate(zip(jobs, alone)):
-        assert j.tokens == a.token_ids, i
-        assert j.finish_reason == a.finish_reason, i
-        assert streamed.get(i, []) == j.tokens
-        if not isinstance(j.route, Arrow):
-            assert j.experts == a.experts
-    arrow = jobs[2].experts  # mean weights over its own tokens; the last token is not fed back here
+    answers = dict((id(r), a) for r, a in done)
+    assert sorted(answers) == sorted(map(id, reqs)) and eng.cache is None
+    for i, (r, a) in enumerate(zip(reqs, alone)):
+        got = answers[id(r)]
+        assert got.samples[0].token_ids == a.token_ids, i
+        assert got.finish_reason == a.finish_reason, i
+        assert [t for t in streamed.get(i, []) if t >= 0] == a.token_ids
+        if not isinstance(r.route, Arrow):
+            assert got.experts == a.experts
+    arrow = answers[id(reqs[2])].experts  # mean weights over its own tokens; the last token is not fed back here
     assert set(arrow) == set(NAMES) and abs(sum(arrow.values()) - 1) < 1e-6
     assert max(abs(arrow[n] - alone[2].experts[n]) for n in NAMES) < 0.05
     # the cache never holds more columns than its longest row needs, plus the pending token
     assert all(w <= need + 1 for w, need in widths), widths
     assert eng.prefix_hits >= 1 and eng.prefix_misses >= 1
+    eng.release()
 
 
 def test_the_dense_mixture_and_the_per_row_paths_agree(experts, monkeypatch):
@@ -146,52 +160,66 @@ def test_the_dense_mixture_and_the_per_row_paths_agree(experts, monkeypatch):
     assert not torch.allclose(dense_first[0][valid[0]], plain[0][valid[0]], atol=1e-2)  # the others do
 
 
-def test_a_row_asked_to_stop_leaves_and_the_others_go_on(base, experts):
+def test_a_row_asked_to_stop_leaves_and_the_others_go_on(base, lib, experts):
     alone = [solo(base, experts, *j) for j in JOBS[:3]]
-    eng = ContinuousBatch(base)
-    eng.set_experts(experts)
-    jobs = [Job(p, r, mode=m, max_new_tokens=n) for p, r, m, n in JOBS[:3]]
-    jobs[1].should_stop = lambda: "timeout" if len(jobs[1].tokens) >= 4 else None
-    done = eng.add(jobs)
-    while eng.rows:
-        done += eng.step()
-    assert jobs[1].finish_reason == "timeout" and jobs[1].tokens == alone[1].token_ids[:4]
-    assert jobs[0].tokens == alone[0].token_ids and jobs[2].tokens == alone[2].token_ids
+    eng = new_engine(base, lib)
+    seen: list[int] = []
+    reqs = [request(eng, p, r, m, n) for p, r, m, n in JOBS[:3]]
+    reqs[1].on_token = lambda ev: seen.append(ev.token)
+    reqs[1].should_stop = lambda: "timeout" if len(seen) >= 4 else None
+    answers = eng.run(reqs)
+    assert answers[1].finish_reason == "timeout" and answers[1].samples[0].token_ids == alone[1].token_ids[:4]
+    assert answers[0].samples[0].token_ids == alone[0].token_ids
+    assert answers[2].samples[0].token_ids == alone[2].token_ids
+    eng.release()
 
 
-def test_the_engine_refuses_bad_jobs(base, experts):
-    eng = ContinuousBatch(base)
-    with pytest.raises(RoutingError, match="no expert set"):
-        eng.add([Job("x", {"a": 1.0})])
-    eng.set_experts(experts)
-    for job, msg in [(Job("x", {"zz": 1.0}), "unknown expert"), (Job("x", {"a": 1.0}, mode="blend"), "unknown mode"),
-                     (Job("x", None, max_new_tokens=-1), "max_new_tokens"), (Job("x", Arrow(top_k=9)), "top_k")]:
+def test_the_engine_refuses_bad_requests(base, lib):
+    eng = Engine(base)
+    with pytest.raises(RoutingError, match="unknown expert"):
+        eng.add([request(eng, "x", {"a": 1.0})])
+    eng.use_experts(load_experts(lib, fingerprint=base.fingerprint))
+    bad = [(request(eng, "x", {"zz": 1.0}), "unknown expert"), (request(eng, "x", {"a": 1.0}, mode="blend"), "unknown mode"),
+           (request(eng, "x", None, max_new=-1), "max_tokens"), (request(eng, "x", Arrow(top_k=9)), "top_k"),
+           (EngineRequest([], None), "no tokens"), (EngineRequest([10 ** 6], None), "token ids"),
+           (EngineRequest([5], None, params=SamplingParams(temperature=-1)), "temperature"),
+           (EngineRequest([5], None, params=SamplingParams(top_p=0)), "top_p"),
+           (EngineRequest([5], None, params=SamplingParams(n=0)), "n must")]
+    for req, msg in bad:
         with pytest.raises(RoutingError, match=msg):
-            eng.add([job])
+            eng.add([req])
     assert eng.rows == []
     eng.release()
 
 
 def test_resident_experts_evict_the_least_recently_used(base, lib, tmp_path, random_lora):
     res = ResidentExperts(lib, base.fingerprint, capacity=2)
-    assert res.expert_set({"a"}).names == ["a"]
-    assert res.expert_set({"b"}).names == ["a", "b"]
-    assert res.expert_set({"a"}).names == ["a", "b"]  # a hit, and now b is the least recently used
-    assert res.expert_set({"c"}).names == ["a", "c"]
+
+    def resident(needed, pinned=frozenset()):
+        res.ensure(needed, pinned)
+        return res.slots.loaded()
+
+    assert resident({"a"}) == ["a"]
+    assert resident({"b"}) == ["a", "b"]
+    assert resident({"a"}) == ["a", "b"]  # a hit, and now b is the least recently used
+    slot_a = res.slots.index("a")
+    assert resident({"c"}) == ["a", "c"] and res.slots.index("a") == slot_a  # a stayed in its slot
     assert res.stats() == {"hits": 1, "misses": 3, "evictions": 1, "resident": 2, "capacity": 2}
     assert res.fits({"d"}, pinned={"a"}) and not res.fits({"d"}, pinned={"a", "c"})
-    assert res.expert_set({"d"}, pinned={"c"}).names == ["c", "d"]  # a was older, but c is in use
+    assert resident({"d"}, pinned={"c"}) == ["c", "d"]  # a was older, but c is in use
     with pytest.raises(RoutingError):
-        res.expert_set({"nosuch"})
+        res.ensure({"nosuch"})
     assert res.needs_all_message("arrow", 4) and res.needs_all_message("arrow", 2) is None
     # a new version of a resident adapter is read again; the old copy stays while a row uses it
     maker = load_base("tiny")
     lib.add("d", random_lora(maker.model, tmp_path / "d2", 9, maker.fingerprint), base.fingerprint)
     try:
         assert not res.fits({"d"}, pinned={"d"})
-        old = res.expert_set(set(), pinned={"d"}).experts[1].object_id
-        new = res.expert_set({"d"}).experts
-        assert [e.name for e in new] == ["c", "d"] and new[1].object_id == lib.get("d").object_id != old
+        res.ensure(set(), pinned={"d"})
+        old = res.slots.experts[res.slots.index("d")].object_id
+        assert resident({"d"}) == ["c", "d"]
+        new = res.slots.experts[res.slots.index("d")].object_id
+        assert new == lib.get("d").object_id != old
     finally:
         lib.remove("d", version=2)
     with pytest.raises(ValueError):
@@ -204,7 +232,7 @@ def test_newcomers_gather_for_a_few_steps_while_rows_run(base, lib):
     from modulora.serve import Scheduler, _Item
 
     s = Scheduler(base, lib, max_batch=8, join_min=3, join_wait_steps=2)
-    item = lambda: _Item("x", "a", 1, "mixture", 4)  # noqa: E731
+    item = lambda: _Item([5, 6], "x", "a", params=SamplingParams(max_tokens=4))  # noqa: E731
     s.queue.put_nowait(item())
     assert not s._hold()  # nothing runs: the newcomer starts at once
     s.engine.rows = [object()]

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ..forward import PREFIX_ATTR
-from .bottleneck import PARALLEL_SITES, SERIES_SITES, ParallelMLP, SeriesLinear
+from .bottleneck import ParallelMLP, SeriesLinear
 from .config import AdapterConfig, AdapterError
+from .format import PREFIX_KEYS, bottleneck_key, bottleneck_sites, lora_key
 from .lora import LoraLinear
-from .peft_format import PEFT_PREFIX
 from .prefix import init_prefix
 from .wrap import decoder_layers, replace, wrappers
 
@@ -43,11 +43,9 @@ def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for layer in layers:
-            for site in _sites(layer, cfg):
-                original = layer.get_submodule(site)
-                # new submodules (dropout) start in training mode; follow the base's mode
-                replace(layer, site, _wrap(original, cfg, gen, model).train(original.training))
+        for path, original in _targets(model, layers, cfg):
+            # new submodules (dropout) start in training mode; follow the base's mode
+            replace(model, path, _wrap(original, path, cfg, gen, model).train(original.training))
         if prefix is not None:
             setattr(model, PREFIX_ATTR, prefix.train(model.training))
     except Exception:
@@ -57,14 +55,26 @@ def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
     model.__dict__[_GRAD_ATTR] = flags
 
 
+def _targets(model: nn.Module, layers: nn.ModuleList, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """(path in the model, module) of every module this adapter wraps."""
+    if cfg.type == "lora" and cfg.modules is not None:  # read from a file: exactly these
+        out = []
+        for path in cfg.modules:
+            try:
+                out.append((path, model.get_submodule(path)))
+            except AttributeError:
+                raise AdapterError(f"the adapter adapts {path}, which the base model does not have") from None
+        return out
+    return [(f"model.layers.{i}.{site}", layer.get_submodule(site))
+            for i, layer in enumerate(layers) for site in _sites(layer, cfg)]
+
+
 def _sites(layer: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names, inside one decoder layer, of the modules this adapter wraps."""
     if cfg.type == "prefix":
         return []
-    if cfg.type == "series":
-        return list(SERIES_SITES[cfg.placement])
-    if cfg.type == "parallel":
-        return list(PARALLEL_SITES)
+    if cfg.type in ("series", "parallel"):
+        return list(bottleneck_sites(cfg.type, cfg.placement))
     found = [n for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in cfg.target_modules]
     missing = set(cfg.target_modules) - {n.rsplit(".", 1)[-1] for n in found}
     if missing:
@@ -72,13 +82,13 @@ def _sites(layer: nn.Module, cfg: AdapterConfig) -> list[str]:
     return found
 
 
-def _wrap(module: nn.Module, cfg: AdapterConfig, gen: torch.Generator, model: nn.Module) -> nn.Module:
+def _wrap(module: nn.Module, path: str, cfg: AdapterConfig, gen: torch.Generator, model: nn.Module) -> nn.Module:
     if cfg.type == "parallel":
         return ParallelMLP(module, model.config.hidden_size, cfg.bottleneck, cfg.scale, cfg.dropout, gen)
     if not isinstance(module, nn.Linear):
         raise AdapterError(f"{cfg.type} adapters wrap nn.Linear modules, found {type(module).__name__}")
     if cfg.type == "lora":
-        return LoraLinear(module, cfg.r, cfg.scaling, cfg.dropout, gen)
+        return LoraLinear(module, cfg.module_rank(path), cfg.module_scaling(path), cfg.dropout, gen)
     return SeriesLinear(module, cfg.bottleneck, cfg.scale, cfg.dropout, gen)
 
 
@@ -110,17 +120,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name, mod in wrappers(model):
         if isinstance(mod, LoraLinear):
-            for part in ("lora_A", "lora_B"):
-                state[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(mod, part).weight.detach()
+            for part in "AB":
+                state[lora_key(name, part)] = getattr(mod, f"lora_{part}").weight.detach()
         else:
-            for part in ("adapter_down", "adapter_up"):
-                lin = getattr(mod, part)
-                state[f"{name}.{part}.weight"] = lin.weight.detach()
-                state[f"{name}.{part}.bias"] = lin.bias.detach()
+            for part in ("down", "up"):
+                lin = getattr(mod, f"adapter_{part}")
+                state[bottleneck_key(name, part, "weight")] = lin.weight.detach()
+                state[bottleneck_key(name, part, "bias")] = lin.bias.detach()
     prefix = getattr(model, PREFIX_ATTR, None)
     if prefix is not None:
-        state["prefix.keys"] = prefix.keys.detach()
-        state["prefix.values"] = prefix.values.detach()
+        state[PREFIX_KEYS[0]] = prefix.keys.detach()
+        state[PREFIX_KEYS[1]] = prefix.values.detach()
     return state
 
 

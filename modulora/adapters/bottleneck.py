@@ -12,9 +12,6 @@ from torch import nn
 from .initialisers import uniform_fan_in
 from .wrap import Wrapper
 
-SERIES_SITES = {"houlsby": ("self_attn.o_proj", "mlp.down_proj"), "pfeiffer": ("mlp.down_proj",)}
-PARALLEL_SITES = ("mlp",)
-
 
 class _Bottleneck(Wrapper):
     def _add_bottleneck(self, hidden: int, size: int, scale: float, dropout: float, gen: torch.Generator,

@@ -1,16 +1,11 @@
-"""The adapter configuration and the one error type users see."""
+"""The adapter configuration and the one error type users see. Rules and limits: `format`."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-TYPES = ("lora", "series", "parallel", "prefix")
-PLACEMENTS = ("houlsby", "pfeiffer")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_RANK = 256
-MAX_BOTTLENECK = 8192
-MAX_VIRTUAL_TOKENS = 1024
+from .format import (ALL_LINEAR, LIMITS, TYPES, FormatError, check_alpha, check_int, check_settings,
+                     lora_scaling)
 
 
 class AdapterError(ValueError):
@@ -31,6 +26,10 @@ class AdapterConfig:
     scale: float = 1.0
     num_virtual_tokens: int = 16
     use_rslora: bool = False
+    # A LoRA read from a file: module path -> (rank, alpha) of exactly the modules it adapts
+    # (layers_to_transform, rank_pattern, alpha_pattern). None: every target module of every
+    # layer, with rank r and alpha (a fresh adapter).
+    modules: dict[str, tuple[int, float]] | None = None
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep one hashable, comparable form.
@@ -40,35 +39,39 @@ class AdapterConfig:
     @property
     def scaling(self) -> float:
         """LoRA's multiplier on B(A(x)): alpha/r, or alpha/sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+    def module_rank(self, module: str) -> int:
+        """The rank of one adapted module (full path)."""
+        return self.r if self.modules is None else self.modules[module][0]
+
+    def module_scaling(self, module: str) -> float:
+        """The scaling of one adapted module (full path): per module for a LoRA read from a file."""
+        if self.modules is None:
+            return self.scaling
+        r, alpha = self.modules[module]
+        return lora_scaling(alpha, r, self.use_rslora)
 
     def validate(self) -> None:
         """Raise AdapterError for the first setting that cannot work."""
+        try:
+            self._check()
+        except FormatError as e:
+            raise AdapterError(str(e)) from None
+
+    def _check(self) -> None:
         if self.type not in TYPES:
-            raise AdapterError(f"unknown adapter type {self.type!r}; use one of {', '.join(TYPES)}")
-        _int_in("r", self.r, 1, MAX_RANK)
-        _int_in("bottleneck", self.bottleneck, 1, MAX_BOTTLENECK)
-        _int_in("num_virtual_tokens", self.num_virtual_tokens, 1, MAX_VIRTUAL_TOKENS)
-        if not _real(self.alpha) or self.alpha <= 0:
-            raise AdapterError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not _real(self.dropout) or not 0 <= self.dropout < 1:
-            raise AdapterError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not _real(self.scale):
-            raise AdapterError(f"scale must be a finite number, got {self.scale!r}")
-        if self.placement not in PLACEMENTS:
-            raise AdapterError(f"unknown placement {self.placement!r}; use houlsby or pfeiffer")
+            raise FormatError(f"unknown adapter type {self.type!r}; use one of {', '.join(TYPES)}")
         if not isinstance(self.use_rslora, bool):
-            raise AdapterError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+            raise FormatError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        check_int("r", self.r, LIMITS.max_rank)
+        check_alpha("alpha", self.alpha, self.r, self.use_rslora)
+        check_settings({"bottleneck": self.bottleneck, "num_virtual_tokens": self.num_virtual_tokens,
+                        "placement": self.placement, "scale": self.scale, "dropout": self.dropout})
         mods = self.target_modules
         if self.type == "lora" and (not isinstance(mods, tuple) or not mods
                                     or not all(isinstance(m, str) and m for m in mods)):
-            raise AdapterError(f"target_modules must be a non-empty list of module names, got {mods!r}")
-
-
-def _real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int_in(name: str, value, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise AdapterError(f"{name} must be an integer from {lo} to {hi}, got {value!r}")
+            raise FormatError(f"target_modules must be a non-empty list of module names, got {mods!r}")
+        for module, (r, alpha) in (self.modules or {}).items():
+            check_int(f"the rank of {module}", r, LIMITS.max_rank)
+            check_alpha(f"the alpha of {module}", alpha, r, self.use_rslora)

@@ -14,21 +14,15 @@ from torch import nn
 
 from .attach import adapter_state, attach, attached_config, detach
 from .config import AdapterConfig, AdapterError
+from .format import CARD_FILE, CONFIG_FILE, OWN_FIELDS, PICKLE_SUFFIXES, WEIGHTS_FILE, FormatError, own_settings
 from .peft_format import from_peft_json, peft_key, to_peft_json
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-CARD_FILE = "card.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_OWN_FIELDS = {"series": ("bottleneck", "placement", "scale", "dropout"),
-               "parallel": ("bottleneck", "scale", "dropout"), "prefix": ("num_virtual_tokens",)}
 
 
 def config_json(cfg: AdapterConfig, base_name: str | None = None) -> dict:
     """The adapter_config.json content: PEFT's LoraConfig for LoRA, our own fields otherwise."""
     if cfg.type == "lora":
         return to_peft_json(cfg, base_name)
-    own = {k: getattr(cfg, k) for k in _OWN_FIELDS[cfg.type]}
+    own = {k: getattr(cfg, k) for k in OWN_FIELDS[cfg.type]}
     return {"modulora_type": cfg.type, **own, "base_model_name_or_path": base_name}
 
 
@@ -89,8 +83,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     if "modulora_type" in raw:
         cfg = _own_config(raw)
     elif "peft_type" in raw:
+        cfg = from_peft_json(raw, {k: list(v.shape) for k, v in state.items()})
         state = {peft_key(k): v for k, v in state.items()}
-        cfg = from_peft_json(raw, list(state))
     else:
         raise AdapterError(f"{d / CONFIG_FILE} names neither peft_type nor modulora_type")
     return cfg, state, card
@@ -135,7 +129,10 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
 
 def _own_config(raw: dict) -> AdapterConfig:
     kind = raw["modulora_type"]
-    fields = {k: raw[k] for k in _OWN_FIELDS.get(kind, ()) if k in raw}
+    try:
+        fields = own_settings(kind, raw)
+    except FormatError as e:
+        raise AdapterError(f"{CONFIG_FILE}: {e}") from None
     cfg = AdapterConfig(type=kind, **fields)
     cfg.validate()
     return cfg

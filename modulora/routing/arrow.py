@@ -60,7 +60,9 @@ class Arrow:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise RoutingError(f"Arrow temperature must be a finite number > 0, got {t!r}")
         if self.experts is None:
-            cand = list(range(len(expert_set)))
+            cand = expert_set.occupied() if hasattr(expert_set, "occupied") else list(range(len(expert_set)))
+            if not cand:
+                raise RoutingError("Arrow has no experts to choose from (none is loaded)")
         else:
             if not self.experts:
                 raise RoutingError("Arrow experts=() names no experts (use None for all)")
@@ -137,6 +139,8 @@ def expert_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
 def prototypes(expert_set: ExpertSet) -> dict[str, torch.Tensor]:
     """module -> [E, in] prototypes of the whole set (computed once per set, per adapter once per
     library)."""
+    if hasattr(expert_set, "prototypes"):  # expert slots keep their own, per slot
+        return expert_set.prototypes()
     cached = expert_set._cache.get(ARROW_KIND)
     if cached is None:
         per_expert = [expert_prototypes(e) for e in expert_set.experts]
@@ -150,13 +154,19 @@ def prototypes(expert_set: ExpertSet) -> dict[str, torch.Tensor]:
 
 
 def route_tokens(x: torch.Tensor, protos: torch.Tensor, spec: Arrow,
-                 cand: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cand: torch.Tensor | None = None,
+                 allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert indices [N, k] (into the set; `protos` holds the candidates, `cand` maps them to the
-    set) and weights [N, k] (softmax over the top k, summing to 1) for tokens x [N, in]."""
+    set) and weights [N, k] (softmax over the top k, summing to 1) for tokens x [N, in].
+    `allowed` [candidates] (bool) leaves out experts that do not adapt this module: they get
+    weight 0 (the caller makes sure at least one is allowed)."""
     scores = x @ protos.T
     if spec.normalize:
         scores = scores / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    vals, idx = torch.topk(scores.abs_(), spec.top_k, dim=-1)
+    scores = scores.abs_()
+    if allowed is not None:
+        scores.masked_fill_(~allowed, float("-inf"))
+    vals, idx = torch.topk(scores, min(spec.top_k, protos.shape[0]), dim=-1)
     w = torch.softmax(vals / spec.temperature, dim=-1)
     if cand is not None:
         idx = cand[idx]

@@ -34,6 +34,7 @@ class Request:
     route: dict[str, float] | Arrow | None = None  # names LoRA experts, or the `others` of one family
     mode: str = "mixture"  # "mixture": sum_e w_e B_e A_e x; "average": (sum w B)(sum w A) x
     max_new_tokens: int = 64
+    prompt_ids: list[int] | None = None  # the prompt as token ids, used as given (no template)
 
 
 @dataclass
@@ -96,7 +97,8 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
     try:
         answers: list[RoutedAnswer] = []
         for start, chunk, (plan, family) in zip(range(0, len(requests), batch_size), chunks, plans):
-            prompts = [tok(render_prompt(tok, Example("", r.prompt, "")), add_special_tokens=False)["input_ids"]
+            prompts = [list(r.prompt_ids) if r.prompt_ids is not None else
+                       tok(render_prompt(tok, Example("", r.prompt, "")), add_special_tokens=False)["input_ids"]
                        for r in chunk]
             longest = max(r.max_new_tokens for r in chunk)
             if plan is not None:

@@ -4,12 +4,14 @@ checked against the base, and stacked per module so that one layer can serve all
     experts = load_experts(library, fingerprint=base.fingerprint)   # all LoRAs, sorted by name
     expert_set = ExpertSet(experts)          # A[module]: [E, R, in], B[module]: [E, out, R]
 
-Ranks are padded to the largest rank R with zeros (which changes no product B·A) and each
-expert's scaling (alpha / r) is folded into its B, so the layer never needs per-expert scalars.
+Each module's scaling (alpha / r, per module with alpha_pattern / rank_pattern, alpha / sqrt(r)
+with rsLoRA) is folded into its B when the expert is read, so nothing downstream needs per-expert
+scalars; the set pads every module's rank to the largest rank R with zeros (which changes no B·A).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,7 +20,9 @@ from pathlib import Path
 import torch
 
 from ..adapters import AdapterError, read_adapter
-from ..adapters.peft_format import PEFT_PREFIX
+from ..adapters.format import parse_lora_key
+
+log = logging.getLogger(__name__)
 
 
 class RoutingError(ValueError):
@@ -27,18 +31,20 @@ class RoutingError(ValueError):
 
 @dataclass
 class LoraExpert:
-    """One LoRA adapter as a routing expert. `A[module]` is [r, in], `B[module]` is [out, r]
-    (unscaled, as stored), where `module` is the full module path inside the base model."""
+    """One LoRA adapter as a routing expert. `A[module]` is [r_m, in] and `B[module]` is [out, r_m]
+    (float32) for the full module path inside the base model, with the module's scaling already
+    folded into B. Ranks may differ per module; `r` is the largest. An expert may adapt any subset
+    of modules (some projections, some layers)."""
 
     name: str
     object_id: str | None
     r: int
-    scaling: float
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     card: dict | None = None
     # where derived data (Arrow prototypes) is cached; None for experts read from plain directories
     library: object | None = field(default=None, repr=False, compare=False)
+    scaling: float = 1.0  # always 1.0: the scaling is part of B
 
 
 def expert_from_parts(name: str, cfg, tensors: dict[str, torch.Tensor], card: dict | None = None,
@@ -49,24 +55,26 @@ def expert_from_parts(name: str, cfg, tensors: dict[str, torch.Tensor], card: di
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        module, _, part = body.rpartition(".lora_")
-        if part == "A.weight":
-            A[module] = t
-        elif part == "B.weight":
-            B[module] = t
-        else:
+        parsed = parse_lora_key(key)
+        if parsed is None:
             raise RoutingError(f"adapter {name} holds tensor {key!r}, which is not a LoRA A or B weight")
+        (A if parsed[3] == "A" else B)[parsed[0]] = t.to(torch.float32)
     if set(A) != set(B):
         odd = sorted(set(A) ^ set(B))[0]
         raise RoutingError(f"adapter {name} has only one of lora_A / lora_B for module {odd}")
     if not A:
         raise RoutingError(f"adapter {name} holds no LoRA tensors")
+    if cfg.modules is not None and set(cfg.modules) != set(A):
+        raise RoutingError(f"adapter {name}: its config describes other modules than its tensors hold")
     for m in A:
-        if A[m].dim() != 2 or B[m].dim() != 2 or A[m].shape[0] != cfg.r or B[m].shape[1] != cfg.r:
+        r = cfg.module_rank(m)
+        if A[m].dim() != 2 or B[m].dim() != 2 or A[m].shape[0] != r or B[m].shape[1] != r:
             raise RoutingError(f"adapter {name}: module {m} has lora_A {list(A[m].shape)} and lora_B "
-                               f"{list(B[m].shape)}, which do not fit rank {cfg.r}")
-    return LoraExpert(name=name, object_id=object_id, r=cfg.r, scaling=float(cfg.scaling), A=A, B=B,
+                               f"{list(B[m].shape)}, which do not fit rank {r}")
+        B[m] = B[m] * cfg.module_scaling(m)
+        if not torch.isfinite(B[m]).all():
+            raise RoutingError(f"adapter {name}: module {m} has non-finite weights once scaled")
+    return LoraExpert(name=name, object_id=object_id, r=max(a.shape[0] for a in A.values()), A=A, B=B,
                       card=card, library=library)
 
 
@@ -120,7 +128,9 @@ def load_experts(library, names: list[str] | None = None, fingerprint: dict | No
     the named ones (`name` or `name@version`) in the order given.
 
     With `fingerprint` (see `modulora.base.fingerprint`), adapters made for another base are refused.
-    Unknown names, a non-LoRA adapter named explicitly, an empty library -> RoutingError.
+    Unknown names, a non-LoRA adapter named explicitly, an empty library -> RoutingError. With
+    `names=None` an adapter that cannot be read or used is left out with a warning, so that one bad
+    adapter never breaks the routes to the others; a named one raises RoutingError.
     """
     if names is None:
         records = [r for r in library.list() if r.type == "lora"]
@@ -141,16 +151,29 @@ def load_experts(library, names: list[str] | None = None, fingerprint: dict | No
                 raise RoutingError(f"adapter {ref} is a {rec.type} adapter; only LoRA adapters can be routing "
                                    "experts")
             records.append(rec)
-    experts = []
+    experts, skipped = [], []
     for rec in records:
-        check_base(rec.name, rec.base_id, rec.card, fingerprint)
         try:
-            cfg, tensors, card = read_adapter(rec.path)
-        except AdapterError as e:
-            raise RoutingError(f"cannot read adapter {rec.ref}: {e}") from None
-        experts.append(expert_from_parts(rec.name, cfg, tensors, card if card is not None else rec.card,
-                                         object_id=rec.object_id, library=library))
+            experts.append(_library_expert(library, rec, fingerprint))
+        except RoutingError as e:
+            if names is not None:
+                raise
+            log.warning("leaving adapter %s out of the routing experts: %s", rec.ref, e)
+            skipped.append(str(e))
+    if not experts:
+        raise RoutingError(f"none of the {len(records)} LoRA adapter(s) in the library at {library.root} can be "
+                           f"used for routing; the first: {skipped[0]}")
     return experts
+
+
+def _library_expert(library, rec, fingerprint: dict | None) -> LoraExpert:
+    check_base(rec.name, rec.base_id, rec.card, fingerprint)
+    try:
+        cfg, tensors, card = read_adapter(rec.path)
+    except AdapterError as e:
+        raise RoutingError(f"cannot read adapter {rec.ref}: {e}") from None
+    return expert_from_parts(rec.name, cfg, tensors, card if card is not None else rec.card,
+                             object_id=rec.object_id, library=library)
 
 
 def load_experts_from_dirs(paths, names: list[str] | None = None,
@@ -204,9 +227,6 @@ class ExpertSet:
                     raise RoutingError(
                         f"experts {first.name} and {e.name} disagree on the shape of {m}: "
                         f"[{first.B[m].shape[0]}, {first.A[m].shape[1]}] vs [{e.B[m].shape[0]}, {e.A[m].shape[1]}]")
-        for e in experts:
-            if not (math.isfinite(e.scaling)):
-                raise RoutingError(f"expert {e.name} has a non-finite scaling {e.scaling}")
         self.experts = experts
         self.names = names
         self._index = {n: i for i, n in enumerate(names)}
@@ -223,8 +243,8 @@ class ExpertSet:
             A = torch.zeros(E, R, d_in, dtype=dtype, device=self.device)
             Bt = torch.zeros(E, R, d_out, dtype=dtype, device=self.device)
             for i, e in enumerate(experts):
-                A[i, :e.r] = e.A[m].to(A)
-                Bt[i, :e.r] = (e.B[m].to(torch.float32) * e.scaling).T.to(Bt)
+                A[i, :e.A[m].shape[0]] = e.A[m].to(A)
+                Bt[i, :e.B[m].shape[1]] = e.B[m].T.to(Bt)
             self.A[m], self.Bt[m] = A, Bt
         self.B = {m: bt.transpose(1, 2) for m, bt in self.Bt.items()}
         self._cache: dict = {}  # derived per-set data (Arrow prototypes)

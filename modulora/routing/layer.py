@@ -67,13 +67,18 @@ class MultiLoraLinear(Wrapper):
     """A base Linear plus views of the expert set's stacked A [E, R, in] and Bt [E, R, out] for
     this module; what it adds to the base output is decided by the router's current plan."""
 
-    def __init__(self, base: nn.Linear, name: str, A: torch.Tensor, Bt: torch.Tensor, router: "_Router"):
+    def __init__(self, base: nn.Linear, name: str, router: "_Router"):
         super().__init__(base)
         self.module_name = name
-        # plain attributes, not buffers: the model's state_dict keeps exactly the base's names
-        self.__dict__["experts_A"] = A
-        self.__dict__["experts_Bt"] = Bt
-        self.__dict__["router"] = router
+        self.__dict__["router"] = router  # a plain attribute: the state_dict keeps the base's names
+
+    @property
+    def experts_A(self) -> torch.Tensor:
+        return self.router.expert_set.A[self.module_name]
+
+    @property
+    def experts_Bt(self) -> torch.Tensor:
+        return self.router.expert_set.Bt[self.module_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -120,12 +125,15 @@ class _Router:
 def install(model: nn.Module, expert_set: ExpertSet) -> None:
     """Wrap every module the experts adapt with a MultiLoraLinear, in place. Without a plan (see
     `routing`) the model computes exactly the base model."""
-    if ROUTER_ATTR in model.__dict__:
+    router = model.__dict__.get(ROUTER_ATTR)
+    if router is not None and router.expert_set is not expert_set:
         raise RoutingError("routing is already installed on this model; call uninstall(model) first")
-    if attached_config(model) is not None or wrappers(model):
+    if router is None and (attached_config(model) is not None or wrappers(model)):
         raise RoutingError("an adapter is attached to this model; detach it before installing routing")
     targets = []
     for name in expert_set.modules:
+        if router is not None and isinstance(model.get_submodule(name), MultiLoraLinear):
+            continue  # installed before: an expert store that grew wraps only its new modules
         try:
             mod = model.get_submodule(name)
         except AttributeError:
@@ -141,11 +149,12 @@ def install(model: nn.Module, expert_set: ExpertSet) -> None:
             raise RoutingError(f"the expert set is on {expert_set.device} but the model on {mod.weight.device}; "
                                "build the ExpertSet with device=...")
         targets.append((name, mod))
-    router = _Router(expert_set)
+    if router is None:
+        router = _Router(expert_set)
+        router.hook = model.register_forward_pre_hook(router.pre_forward, with_kwargs=True)
+        model.__dict__[ROUTER_ATTR] = router
     for name, mod in targets:
-        replace(model, name, MultiLoraLinear(mod, name, expert_set.A[name], expert_set.Bt[name], router))
-    router.hook = model.register_forward_pre_hook(router.pre_forward, with_kwargs=True)
-    model.__dict__[ROUTER_ATTR] = router
+        replace(model, name, MultiLoraLinear(mod, name, router))
 
 
 def uninstall(model: nn.Module) -> None:
@@ -491,13 +500,10 @@ class RoutingPlan:
             if toks.numel() == 0:
                 return
             xf = xf.index_select(0, toks)
-        protos = self.protos[name]
-        if g.cand is not None:
-            key = ("protos", gi, name)
-            if key not in self._cache:
-                self._cache[key] = protos.index_select(0, g.cand)
-            protos = self._cache[key]
-        idx, w = arrow_mod.route_tokens(xf, protos, g.spec, g.cand)
+        protos, allowed = self._arrow_candidates(g, gi, name)
+        if protos is None:  # no candidate adapts this module
+            return
+        idx, w = arrow_mod.route_tokens(xf, protos, g.spec, g.cand, allowed)
         yf = y3.view(-1, y3.shape[-1])
         if toks is None and yf.dtype == xf.dtype:
             arrow_mod.mixed_delta(xf, A, Bt, idx, w, average=g.average, out=yf)
@@ -514,6 +520,23 @@ class RoutingPlan:
         per_token = w.new_zeros(w.shape[0], self._E).scatter_(1, idx, w)
         per_token *= fwd.counted[id(g)].unsqueeze(1).to(per_token.dtype)
         sums.index_add_(0, self._origin[fwd.token_rows[id(g)]], per_token.to(sums.dtype))
+
+    def _arrow_candidates(self, g: _ArrowGroup, gi: int, name: str):
+        """(prototypes of the group's candidates at this module, which of them adapt it or None
+        for all); (None, None) when none does."""
+        key = ("protos", gi, name)
+        if key not in self._cache:
+            protos = self.protos[name]
+            present = getattr(self.expert_set, "present", {}).get(name)
+            if g.cand is not None:
+                protos = protos.index_select(0, g.cand)
+                present = None if present is None else present.index_select(0, g.cand)
+            if present is not None and bool(present.all()):
+                present = None
+            if present is not None and not bool(present.any()):
+                protos = None
+            self._cache[key] = (protos, present)
+        return self._cache[key]
 
     # -- what happened -------------------------------------------------------------------------
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..adapters import AdapterConfig, read_adapter
-from ..adapters.config import ALL_LINEAR, MAX_RANK
-from ..adapters.io import CONFIG_FILE, write_adapter_dir
-from ..adapters.peft_format import PEFT_PREFIX
+from ..adapters import AdapterConfig, AdapterError, read_adapter
+from ..adapters.format import ALL_LINEAR, CONFIG_FILE, LIMITS, lora_key
+from ..adapters.io import write_adapter_dir
+from .experts import RoutingError, expert_from_parts
 
 METHODS = ("concat", "linear", "ties")
 MAX_SAMPLES = 32
@@ -47,7 +47,9 @@ class LoraFactors:
     """One LoRA expert as plain factors: update of `module` is scaling * B[module] @ A[module].
 
     Module names are paths inside the base model (`model.layers.3.self_attn.q_proj`), the
-    convention of `modulora.routing.experts.LoraExpert`, which can be passed in its place.
+    convention of `modulora.routing.experts.LoraExpert`, which can be passed in its place. Read
+    from a directory, the scaling is folded into B (scaling 1.0) and ranks may differ per module
+    (`r` is the largest).
     """
 
     name: str
@@ -95,26 +97,16 @@ def load_lora(source, name: str | None = None) -> LoraFactors:
     label = name or (card or {}).get("name") or path.name
     if cfg.type != "lora":
         raise MergeError(f"adapter {label} is a {cfg.type} adapter; only LoRA adapters can be merged")
-    A, B = {}, {}
-    for key, t in tensors.items():
-        module, part = _split_key(key)
-        (A if part == "lora_A" else B)[module] = t
-    if set(A) != set(B):
-        odd = sorted(set(A) ^ set(B))[0]
-        raise MergeError(f"adapter {label}: module {odd} has only one of lora_A / lora_B")
+    try:
+        e = expert_from_parts(label, cfg, tensors, card)
+    except (RoutingError, AdapterError) as err:
+        raise MergeError(str(err)) from None
     base_name = None
     try:
         base_name = json.loads((path / CONFIG_FILE).read_text()).get("base_model_name_or_path")
     except (OSError, ValueError):
         pass
-    return LoraFactors(name=label, r=cfg.r, scaling=cfg.scaling, A=A, B=B, card=card, base_name=base_name)
-
-
-def _split_key(key: str) -> tuple[str, str]:
-    """`base_model.model.<module>.lora_A.weight` -> (`<module>`, `lora_A`)."""
-    stem = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    module, part, _ = stem.rsplit(".", 2)
-    return module, part
+    return LoraFactors(name=label, r=e.r, scaling=e.scaling, A=e.A, B=e.B, card=card, base_name=base_name)
 
 
 def _base_id(e: LoraFactors) -> str | None:
@@ -168,18 +160,25 @@ def _weights(weights, experts: list[LoraFactors], positive: bool = False) -> lis
 
 
 def _check_rank(rank) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
-        raise MergeError(f"rank must be an integer from 1 to {MAX_RANK}, got {rank!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= LIMITS.max_rank:
+        raise MergeError(f"rank must be an integer from 1 to {LIMITS.max_rank}, got {rank!r}")
     return rank
 
 
 # -- merging ---------------------------------------------------------------------------------------
 
 def _stacked(experts: list[LoraFactors], weights: list[float], module: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """B_cat [out, sum r] (weights and scalings folded in) and A_cat [sum r, in], float64."""
-    A = torch.cat([e.A[module].double() for e in experts], 0)
-    B = torch.cat([e.B[module].double() * (w * e.scaling) for e, w in zip(experts, weights)], 1)
+    """B_cat [out, sum r] (weights and scalings folded in) and A_cat [sum r, in], float64; each
+    expert's factors zero-padded to its rank r, so that every module gets the same rank."""
+    A = torch.cat([_padded(e.A[module], e.r, 0) for e in experts], 0)
+    B = torch.cat([_padded(e.B[module], e.r, 1) * (w * e.scaling) for e, w in zip(experts, weights)], 1)
     return B, A
+
+
+def _padded(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """`t` (float64) with zero rows (dim 0) or columns (dim 1) added up to `r`."""
+    missing = r - t.shape[dim]
+    return torch.nn.functional.pad(t.double(), (0, 0, 0, missing) if dim == 0 else (0, missing))
 
 
 def merge_concat(experts, weights=None) -> MergedLora:
@@ -187,8 +186,8 @@ def merge_concat(experts, weights=None) -> MergedLora:
     experts = _prepare(experts)
     w = _weights(weights, experts)
     r = sum(e.r for e in experts)
-    if r > MAX_RANK:
-        raise MergeError(f"the concatenated rank {r} is over the limit of {MAX_RANK}; "
+    if r > LIMITS.max_rank:
+        raise MergeError(f"the concatenated rank {r} is over the limit of {LIMITS.max_rank}; "
                          "use merge_linear with a rank instead")
     A, B = {}, {}
     for m in experts[0].A:
@@ -341,8 +340,8 @@ def save_merged(merged: MergedLora, out_dir: str | os.PathLike, card: dict | Non
     cfg.validate()
     tensors = {}
     for m in merged.A:
-        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = merged.A[m].detach().float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = merged.B[m].detach().float().cpu().contiguous()
+        tensors[lora_key(m, "A")] = merged.A[m].detach().float().cpu().contiguous()
+        tensors[lora_key(m, "B")] = merged.B[m].detach().float().cpu().contiguous()
     return write_adapter_dir(out, cfg, tensors, full_card, merged.base_name)
 
 

@@ -1,15 +1,16 @@
-"""A bounded cache of LoRA experts in memory, least recently used evicted: what lets a server
-answer from a library larger than it can hold at once.
+"""The LoRA experts in memory: a bounded set of slots, least recently used evicted, that lets a
+server answer from a library larger than it can hold at once.
 
     resident = ResidentExperts(library, base.fingerprint, capacity=4)
     if resident.fits({"geo", "math"}, pinned=names_in_use):
-        expert_set = resident.expert_set({"geo", "math"}, pinned=names_in_use)
+        resident.ensure({"geo", "math"}, pinned=names_in_use)
+    resident.slots            # the ExpertSlots the multi-expert layers read
 
-`expert_set` reads the experts a batch needs that are not resident (misses), evicts the least
-recently used ones that no running request uses (`pinned`) until at most `capacity` remain, and
-returns one ExpertSet stacking every resident expert (rebuilt only when that set changed). An
-expert whose library version changed (re-uploaded, deleted) is dropped at the next look-up
-unless a running request still uses it; a request for the new version then waits for that one.
+`ensure` reads the experts that are not resident (misses) and copies each into a free slot
+(`slots.ExpertSlots.load`), evicting the least recently used ones that no running request uses
+(`pinned`) to make room; nothing else is copied. An expert whose library version changed
+(re-uploaded, deleted) is dropped at the next look-up unless a running request still uses it; a
+request for the new version then waits for that one.
 
 Routes that choose among the whole library need the whole library resident: Arrow (per token,
 from every expert's prototype) and `uniform`. With more LoRA adapters than `capacity` they
@@ -23,24 +24,32 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from .experts import ExpertSet, LoraExpert, RoutingError, load_experts
+import torch
+
+from .experts import LoraExpert, RoutingError, load_experts
+from .slots import ExpertSlots
 
 
 class ResidentExperts:
-    """LoRA experts of one library in memory, at most `capacity` of them (None: no bound)."""
+    """LoRA experts of one library in slots, at most `capacity` of them (None: no bound)."""
 
-    def __init__(self, library, fingerprint: dict | None = None, capacity: int | None = None):
+    def __init__(self, library=None, fingerprint: dict | None = None, capacity: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if capacity is not None and capacity < 1:
             raise ValueError(f"the resident-expert bound must be at least 1, got {capacity}")
         self.library, self.fingerprint, self.capacity = library, fingerprint, capacity
-        self._experts: OrderedDict[str, LoraExpert] = OrderedDict()  # least recently used first
-        self._set: ExpertSet | None = None
+        self.slots = ExpertSlots(capacity, dtype=dtype, device=device)
+        self._lru: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # stats are read by /metrics from another thread
         self.hits = self.misses = self.evictions = 0
 
     def lora_names(self) -> list[str]:
         """The library's LoRA adapters (latest versions), sorted by name."""
         return [r.name for r in self.library.list() if r.type == "lora"]
+
+    def _object_id(self, name: str) -> str | None:
+        e = self.slots.experts[self.slots.index(name)]
+        return e.object_id
 
     def fits(self, needed: set[str], pinned: set[str]) -> bool:
         """Whether `needed` can be resident together with the experts running requests use.
@@ -49,50 +58,50 @@ class ResidentExperts:
         if self.capacity is not None and len(needed | pinned) > self.capacity:
             return False
         ids = self.library.latest_object_ids()
-        return not any(n in pinned and n in self._experts and self._experts[n].object_id != ids.get(n)
-                       for n in needed)
+        return not any(n in pinned and n in self._lru and self._object_id(n) != ids.get(n) for n in needed)
 
-    def expert_set(self, needed: set[str], pinned: set[str] = frozenset()) -> ExpertSet | None:
-        """An ExpertSet holding (at least) `needed` and `pinned`; None when both are empty and
-        nothing is resident. RoutingError for unknown names or experts that cannot be stacked."""
+    def ensure(self, needed: set[str], pinned: set[str] = frozenset()) -> None:
+        """Make `needed` resident (from the library) beside `pinned`. RoutingError for unknown
+        names, unreadable adapters, or more than fit."""
         ids = self.library.latest_object_ids()
-        changed = False
+        for name in list(self._lru):  # stale copies nobody uses any more
+            if name not in pinned and self._object_id(name) != ids.get(name):
+                self._evict(name, counted=False)
+        missing = []
         with self._lock:
-            for name in list(self._experts):  # stale copies nobody uses any more
-                if name not in pinned and self._experts[name].object_id != ids.get(name):
-                    del self._experts[name]
-                    changed = True
-            missing = []
             for name in sorted(needed):
-                if name in self._experts:
+                if name in self._lru:
                     self.hits += 1
-                    self._experts.move_to_end(name)
+                    self._lru.move_to_end(name)
                 else:
                     missing.append(name)
         if missing:
-            loaded = load_experts(self.library, missing, fingerprint=self.fingerprint)  # outside the lock: disk
+            loaded = load_experts(self.library, missing, fingerprint=self.fingerprint)  # disk: outside the lock
+            self.put(loaded, keep=set(needed) | set(pinned))
             with self._lock:
                 self.misses += len(loaded)
-                for e in loaded:
-                    self._experts[e.name] = e
-            changed = True
+
+    def put(self, experts: list[LoraExpert], keep: set[str] = frozenset()) -> None:
+        """Copy `experts` into slots, evicting least recently used ones not in `keep` for room."""
+        keep = set(keep) | {e.name for e in experts}
+        for e in experts:
+            if self.capacity is not None and e.name not in self._lru and len(self._lru) >= self.capacity:
+                victim = next((n for n in self._lru if n not in keep), None)
+                if victim is None:
+                    raise RoutingError(f"{len(keep)} experts are needed at once but at most {self.capacity} "
+                                       "can be resident (--max-resident-experts)")
+                self._evict(victim)
+            self.slots.load(e)
+            with self._lock:
+                self._lru[e.name] = None
+                self._lru.move_to_end(e.name)
+
+    def _evict(self, name: str, counted: bool = True) -> None:
+        self.slots.evict(name)
         with self._lock:
-            keep = needed | pinned
-            if self.capacity is not None:
-                for name in list(self._experts):
-                    if len(self._experts) <= self.capacity:
-                        break
-                    if name not in keep:
-                        del self._experts[name]
-                        self.evictions += 1
-                        changed = True
-            names = sorted(self._experts)
-            if not names:
-                self._set = None
-                return None
-            if changed or self._set is None or self._set.names != names:
-                self._set = ExpertSet([self._experts[n] for n in names])
-            return self._set
+            self._lru.pop(name, None)
+            if counted:
+                self.evictions += 1
 
     def needs_all_message(self, route: str, count: int) -> str | None:
         """Why a route that needs every LoRA adapter (`count` of them) cannot run; None if it can."""
@@ -105,7 +114,7 @@ class ResidentExperts:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "resident": len(self._experts), "capacity": self.capacity or 0}
+                    "resident": len(self._lru), "capacity": self.capacity or 0}
 
 
 __all__ = ["ResidentExperts", "RoutingError"]

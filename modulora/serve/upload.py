@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .api_errors import APIError
+from .errors import APIError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 MAX_ARCHIVE_MEMBERS = 8  # the adapter files, plus one folder
@@ -98,7 +98,7 @@ def member_target(name: str) -> tuple[str, str] | None:
 
 def check_file_name(fname: str, where: str) -> None:
     """422 unless `fname` is one of the files an adapter may hold (pickles named as such)."""
-    from .validate import ALLOWED_FILES, PICKLE_MESSAGE, PICKLE_SUFFIXES
+    from ..validate import ALLOWED_FILES, PICKLE_MESSAGE, PICKLE_SUFFIXES
 
     if fname.lower().endswith(PICKLE_SUFFIXES):
         raise APIError(422, f"{fname}: {PICKLE_MESSAGE}", param="file", code="invalid_adapter")
@@ -276,7 +276,7 @@ def adapter_files(files: list[tuple[str, bytes]], limit: int) -> dict[str, bytes
 
 def check_upload_name(name: str, reserved: tuple[str, ...]) -> str:
     """The adapter name of an upload form, stripped; 400 when missing, unsafe or reserved."""
-    from .validate import ValidationError, validate_name
+    from ..validate import ValidationError, validate_name
 
     name = name.strip()
     if not name:
@@ -296,9 +296,9 @@ def add_to_library(library, name: str, files: dict[str, bytes], fingerprint: dic
     Refused adapters -> 422 (the library is unchanged); a busy library -> 409."""
     import shutil
 
-    from .base import BaseModelError
-    from .library import LibraryError
-    from .validate import ValidationError
+    from ..base import BaseModelError
+    from ..library import LibraryError
+    from ..validate import ValidationError
 
     tmp = write_upload(files)
     try:

@@ -1,0 +1,523 @@
+"""The engine: the one owner of a routed base model. Requests in, answers out.
+
+    engine = Engine(base, library)                       # once per base model
+    ids = engine.encode_chat([{"role": "user", "content": "Peru"}])
+    answers = engine.run([EngineRequest(ids, {"geo": 1.0}, params=SamplingParams(max_tokens=8))])
+
+or, as a server does, step by step (continuous batching):
+
+    done = engine.add(requests)          # prefill the newcomers and merge them into the running batch
+    while engine.rows:
+        done += engine.step()            # one token for every running sample
+    # done: (request, Answer) pairs
+
+It installs the multi-expert layers on the model once, over the LoRA experts' preallocated slots
+(`slots.ExpertSlots`, kept by `resident.ResidentExperts`: loading copies into a free slot,
+evicting frees it), encodes (raw text, or a whole chat through the tokenizer's template), plans
+the routes of the running rows, prefills newcomers (the shared chat-template prefix is computed
+once per route and reused), steps one token for every row, samples per row (`sampling.choose`),
+and scores prompts (log-probabilities of every prompt token: `modulora eval --loglik` and the
+server's `echo` read the same numbers).
+
+A request with n > 1 samples is prefilled once; its KV cache row is then copied n times. Rows
+join between two decode steps and leave the step they finish; their KV caches are left padded to
+a common width and stacked; position ids come from the attention mask, so padding never changes
+a row's answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from ..data import Example, render_prompt
+from ..forward import PREFIX_ATTR, forward
+from ..generate import last_position, left_pad
+from .arrow import Arrow
+from .experts import RoutingError
+from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
+from .requests import Answer, EngineRequest, Sample, TokenEvent, TokenLogprob
+from .resident import ResidentExperts
+from .sampling import RowSampling, Text, choose, logprob_entries
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A request's state while any of its samples runs."""
+
+    req: EngineRequest
+    samples: list[Sample | None]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    arrow_sums: dict[str, float] = field(default_factory=dict)
+    arrow_tokens: float = 0.0
+    modules: int = 1
+    left: int = 0  # samples still running
+
+    def answer(self) -> Answer:
+        return Answer(samples=list(self.samples), prompt_tokens=len(self.req.prompt_ids),
+                      experts=self.experts(), prompt_logprobs=self.prompt_logprobs)
+
+    def experts(self) -> dict[str, float]:
+        route = self.req.route
+        if route is None:
+            return {}
+        if isinstance(route, dict):
+            total = sum(route.values())
+            return dict(sorted(((n, w / total) for n, w in route.items()), key=lambda kv: -kv[1]))
+        n = self.arrow_tokens * self.modules
+        pairs = [(k, v / n) for k, v in self.arrow_sums.items() if v > 0] if n > 0 else []
+        return dict(sorted(pairs, key=lambda kv: -kv[1]))
+
+
+@dataclass(eq=False)
+class _Row:
+    """One running sample."""
+
+    pending: _Pending
+    index: int
+    sampling: RowSampling
+    text: Text
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish: str | None = None
+    stop: str | int | None = None
+
+
+class Engine:
+    """The routed model of one base, its running rows and their KV cache (see module docstring).
+
+    `library` (optional) is where named LoRA experts are loaded from, at most `max_resident` at
+    once (None: no bound); `use_experts` loads given experts instead (tests, benchmarks).
+    """
+
+    def __init__(self, base, library=None, max_resident: int | None = None, prefix_entries: int = 32):
+        self.base, self.model, self.tok = base, base.model, base.tokenizer
+        self.eos_id, self.pad_id = self.tok.eos_token_id, self.tok.pad_token_id
+        device = next(self.model.parameters()).device
+        self.experts = ResidentExperts(library, base.fingerprint, capacity=max_resident, device=device)
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None      # [rows, T]: 1 where a cached token is real
+        self.pending: torch.Tensor | None = None   # [rows]: each row's last token, fed at the next step
+        self.plan: RoutingPlan | None = None       # for the running rows; None when they change
+        self._plan_version = -1
+        self._wrapped = 0  # modules of the slots wrapped on the model
+        marker = "\x00"
+        before, _, after = render_prompt(self.tok, Example("", marker, "")).partition(marker)
+        self.template = self.tok(before, add_special_tokens=False)["input_ids"] if before else []
+        self.n_after = len(self.tok(after, add_special_tokens=False)["input_ids"]) if after else 0
+        self.prefix_entries = prefix_entries
+        self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.prefix_hits = self.prefix_misses = 0
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def encode_text(self, text: str) -> list[int]:
+        """Raw text to token ids, as the tokenizer adds special tokens by default (a BOS where
+        the model wants one); no template."""
+        return self.tok(text)["input_ids"]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A whole message list through the tokenizer's chat template, ready for the answer."""
+        if not getattr(self.tok, "chat_template", None):
+            raise RoutingError("this base model's tokenizer has no chat template; use raw completions")
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, prompt: str) -> tuple[list[int], tuple[int, int]]:
+        """One user prompt as the adapters were trained on it (`data.render_prompt`), and the
+        span of its own tokens (without the template around it)."""
+        ids = self.tok(render_prompt(self.tok, Example("", prompt, "")), add_special_tokens=False)["input_ids"]
+        lo, hi = len(self.template), len(ids) - self.n_after
+        return ids, ((lo, hi) if 0 <= lo < hi and ids[:lo] == self.template else (0, len(ids)))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    # -- experts -------------------------------------------------------------------------------
+
+    def use_experts(self, experts: list) -> None:
+        """Load these LoRA experts into the slots (replacing same-named ones)."""
+        self.experts.put(experts)
+        self._sync_layers()
+
+    def ensure_experts(self, names: set[str]) -> None:
+        """Make the named library experts resident, beside the ones the running rows use."""
+        self.experts.ensure(names, self.pinned())
+        self._sync_layers()
+
+    def pinned(self) -> set[str]:
+        """The experts the running rows use (Arrow rows: every loaded expert)."""
+        names: set[str] = set()
+        for r in self.rows:
+            route = r.pending.req.route
+            if isinstance(route, Arrow):
+                names |= set(self.experts.slots.loaded())
+            elif isinstance(route, dict):
+                names |= set(route)
+        return names
+
+    def _sync_layers(self) -> None:
+        """Our layers on the model: installed once, later only modules new to the slots. (Another
+        engine over the same model object, as two test servers in one process have, takes its
+        own back before it runs.)"""
+        slots = self.experts.slots
+        current = installed(self.model)
+        if current is slots and self._wrapped == len(slots.A):
+            return
+        if current is not None and current is not slots:
+            uninstall(self.model)
+        if slots.A:
+            install(self.model, slots)
+        self._wrapped = len(slots.A)
+
+    # -- joining ---------------------------------------------------------------------------------
+
+    def check(self, req: EngineRequest) -> None:
+        """RoutingError naming what is wrong with a request, before any work."""
+        if req.mode not in MODES:
+            raise RoutingError(f"unknown mode {req.mode!r}; use 'mixture' or 'average'")
+        req.params.validate()
+        if not req.prompt_ids:
+            raise RoutingError("the prompt has no tokens")
+        vocab = self.model.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in req.prompt_ids):
+            raise RoutingError(f"prompt token ids must be integers in [0, {vocab})")
+        if req.route is not None:
+            slots = self.experts.slots
+            if isinstance(req.route, Arrow):
+                req.route.candidates(slots)
+            else:
+                slots.normalise(req.route)
+
+    @torch.inference_mode()
+    def add(self, requests: list[EngineRequest]) -> list[tuple[EngineRequest, Answer]]:
+        """Check and prefill `requests`, merge their samples into the running batch; returns the
+        requests already finished (max_tokens 0, eos at once, stopped). RoutingError for a bad
+        request (none of them is started then)."""
+        if getattr(self.model, PREFIX_ATTR, None) is not None:
+            raise RoutingError("a prefix adapter is attached to the model; the engine needs none")
+        for i, r in enumerate(requests):
+            try:
+                self.check(r)
+            except RoutingError as e:
+                raise RoutingError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
+        self._sync_layers()
+        done: list[tuple[EngineRequest, Answer]] = []
+        live = []
+        for r in requests:
+            p = _Pending(r, [None] * r.params.n, left=r.params.n,
+                         modules=max(1, len(self.experts.slots.modules)))
+            reason = r.should_stop() if r.should_stop is not None else None
+            if reason:
+                p.samples = [Sample(i, [], "", reason) for i in range(r.params.n)]
+                done.append((r, p.answer()))
+            else:
+                live.append(p)
+        P = len(self.template) if self.prefix_entries > 0 else 0
+        reuse = [p for p in live if P and not p.req.params.prompt_logprobs and len(p.req.prompt_ids) > P
+                 and p.req.prompt_ids[:P] == self.template]
+        rest = [p for p in live if p not in reuse]
+        for group, shared in ((reuse, True), (rest, False)):
+            if group:
+                done += self._prefill(group, shared)
+        return done
+
+    def _prefill(self, group: list[_Pending], shared: bool) -> list[tuple[EngineRequest, Answer]]:
+        P = len(self.template) if shared else 0
+        seqs = [p.req.prompt_ids[P:] for p in group]
+        ids, mask = left_pad(seqs, self.pad_id)
+        width = ids.shape[1]
+        cache = None
+        if shared:
+            entries = self._prefix_entries(group)
+            cache = DynamicCache(config=self.model.config)
+            for layer in range(len(entries[0])):
+                cache.update(torch.stack([e[layer][0] for e in entries]),
+                             torch.stack([e[layer][1] for e in entries]), layer)
+            mask = torch.cat([torch.ones(len(group), P, dtype=mask.dtype), mask], dim=1)
+        plan = self._plan_for([p.req for p in group])
+        if plan is not None:  # an Arrow report counts the request's own text, not the template
+            spans = []
+            for p, s in zip(group, seqs):
+                lo, hi = p.req.content_span or (P, len(p.req.prompt_ids))
+                lo, hi = max(lo - P, 0), max(hi - P, 0)
+                spans.append((width - len(s) + lo, width - len(s) + hi) if lo < hi else (width - len(s), width))
+            plan.content_spans = spans
+        full = any(p.req.params.prompt_logprobs for p in group)
+        with self._routing(plan):
+            logits, cache = forward(self.model, ids, mask, cache,
+                                    logits_to_keep=0 if full else last_position(ids))
+        self._harvest(plan, [p for p in group])
+        if full:
+            self._prompt_logprobs(group, seqs, logits.float())
+        last = logits[:, -1, :].float()
+        # every sample of a request starts from its prompt's row: copy the rows n times
+        expand = [i for i, p in enumerate(group) for _ in range(p.req.params.n)]
+        rows = [_Row(p, s, RowSampling.new(p.req.params, s), Text(self.tok, p.req.params.stop),
+                     logprobs=[] if p.req.params.logprobs is not None else None)
+                for p in group for s in range(p.req.params.n)]
+        done = [r for r in rows if r.pending.req.params.max_tokens == 0]
+        for r in done:
+            r.finish = "length"
+        active = [i for i, r in enumerate(rows) if r.finish is None]
+        keep = self._take([rows[i] for i in active], last[[expand[i] for i in active]])
+        kept = [active[i] for i in keep]
+        finished = self._finish([r for r in rows if r.finish is not None])
+        if kept:
+            idx = torch.tensor([expand[i] for i in kept])
+            if idx.tolist() != list(range(len(group))):
+                cache.batch_select_indices(idx)
+            nxt = torch.tensor([rows[i].tokens[-1] for i in kept])
+            self._merge([rows[i] for i in kept], cache, mask[idx], nxt)
+        return finished
+
+    def _prompt_logprobs(self, group: list[_Pending], seqs: list[list[int]], logits: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the tokens before it (the first has none)."""
+        width = logits.shape[1]
+        for row, (p, s) in enumerate(zip(group, seqs)):
+            if not p.req.params.prompt_logprobs:
+                continue
+            n = len(s)
+            logp = torch.log_softmax(logits[row, width - n:width - 1], dim=-1)
+            entries = logprob_entries(logp, s[1:], p.req.params.logprobs or 0) if n > 1 else []
+            p.prompt_logprobs = [None] + entries
+
+    def _take(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Choose and record each row's next token; the indices of the rows still running."""
+        if not rows:
+            return []
+        tokens, entries = choose(logits, [r.sampling for r in rows])
+        keep = []
+        for i, (r, t, e) in enumerate(zip(rows, tokens, entries)):
+            params = r.pending.req.params
+            if (t == self.eos_id and not params.ignore_eos) or t in params.stop_token_ids:
+                r.finish = "stop"
+                r.stop = t if t in params.stop_token_ids else None
+                continue
+            r.tokens.append(t)
+            r.sampling.seen(t)
+            if r.logprobs is not None:
+                r.logprobs.append(e)
+            piece = r.text.add(t)
+            if r.text.stopped_by is not None:
+                r.finish, r.stop = "stop", r.text.stopped_by
+            elif len(r.tokens) >= params.max_tokens:
+                r.finish = "length"
+            if r.pending.req.on_token is not None:
+                r.pending.req.on_token(TokenEvent(r.index, t, piece, e))
+            if r.finish is None:
+                keep.append(i)
+        return keep
+
+    def _finish(self, rows: list[_Row]) -> list[tuple[EngineRequest, Answer]]:
+        """Turn finished rows into samples; the requests whose last sample this was."""
+        done = []
+        for r in rows:
+            p = r.pending
+            rest = r.text.finish()
+            if rest and p.req.on_token is not None:
+                p.req.on_token(TokenEvent(r.index, -1, rest, None))
+            p.samples[r.index] = Sample(r.index, r.tokens, r.text.text, r.finish, r.logprobs, r.stop)
+            p.left -= 1
+            if p.left == 0:
+                done.append((p.req, p.answer()))
+        return done
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, pending: torch.Tensor) -> None:
+        self._harvest(self.plan, self._row_pendings())
+        self.plan = None
+        if self.cache is None:
+            self.rows, self.cache, self.mask, self.pending = list(rows), cache, mask, pending
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def widen(x: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            extra = width - x.shape[-dim_from_end]
+            return x if extra == 0 else F.pad(x, [0, 0] * (dim_from_end - 1) + [extra, 0])
+
+        merged = DynamicCache(config=self.model.config)
+        for layer, (a, b) in enumerate(zip(self.cache.layers, cache.layers)):
+            merged.update(torch.cat([widen(a.keys, 2), widen(b.keys, 2)]),
+                          torch.cat([widen(a.values, 2), widen(b.values, 2)]), layer)
+        self.cache = merged
+        self.mask = torch.cat([widen(self.mask, 1), widen(mask, 1)])
+        self.pending = torch.cat([self.pending, pending])
+        self.rows = self.rows + list(rows)
+
+    # -- the shared template prefix, per route ---------------------------------------------------
+
+    def _route_key(self, req: EngineRequest) -> tuple:
+        if req.route is None:
+            return ("base",)
+        slots = self.experts.slots
+
+        def oid(name):
+            e = slots.experts[slots.index(name)]
+            return e.object_id or f"mem-{id(e)}"
+
+        if isinstance(req.route, Arrow):
+            return ("arrow", req.route, req.mode, tuple((n, oid(n)) for n in slots.loaded()))
+        route = slots.normalise(req.route)
+        mode = "average" if req.mode == "average" and len(route) > 1 else "mixture"
+        return ("seq", mode, tuple(sorted((n, oid(n), round(w, 12)) for n, w in route.items())))
+
+    def _prefix_entries(self, group: list[_Pending]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per request, the template prefix's (keys, values) per layer under its route; missing
+        routes are computed together in one forward (every row the same length: no padding)."""
+        keys = [self._route_key(p.req) for p in group]
+        todo: dict[tuple, EngineRequest] = {}
+        for k, p in zip(keys, group):
+            if k in self._prefixes:
+                self._prefixes.move_to_end(k)
+                self.prefix_hits += 1
+            elif k not in todo:
+                todo[k] = p.req
+                self.prefix_misses += 1
+            else:
+                self.prefix_hits += 1
+        if todo:
+            reqs = list(todo.values())
+            P = len(self.template)
+            ids = torch.tensor([self.template] * len(reqs))
+            with self._routing(self._plan_for(reqs)):
+                _, cache = forward(self.model, ids, torch.ones(len(reqs), P, dtype=torch.long),
+                                   logits_to_keep=last_position(ids))
+            for r, k in enumerate(todo):
+                self._prefixes[k] = [(layer.keys[r].clone(), layer.values[r].clone()) for layer in cache.layers]
+        got = {k: self._prefixes[k] for k in set(keys)}
+        while len(self._prefixes) > self.prefix_entries:
+            self._prefixes.popitem(last=False)
+        return [got[k] for k in keys]
+
+    # -- decoding ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[EngineRequest, Answer]]:
+        """Drop rows whose request asks to stop, then one decode step for the rest; returns the
+        requests that finished."""
+        asked: dict[int, str | None] = {}
+        for r in self.rows:
+            req = r.pending.req
+            if req.should_stop is not None:
+                if id(req) not in asked:
+                    asked[id(req)] = req.should_stop()
+                if asked[id(req)]:
+                    r.finish = asked[id(req)]
+        done = self._finish([r for r in self.rows if r.finish is not None])
+        if done or any(r.finish for r in self.rows):
+            self._drop([i for i, r in enumerate(self.rows) if r.finish is None])
+        if not self.rows:
+            return done
+        self._sync_layers()
+        if self.plan is None or self._plan_version != self.experts.slots.version:
+            self._harvest(self.plan, self._row_pendings())
+            self.plan = self._plan_for([r.pending.req for r in self.rows])
+            self._plan_version = self.experts.slots.version
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        with self._routing(self.plan):
+            logits, self.cache = forward(self.model, self.pending.unsqueeze(1), mask, self.cache)
+        self.mask = mask
+        keep = self._take(self.rows, logits[:, -1, :].float())
+        done += self._finish([r for r in self.rows if r.finish is not None])
+        self.pending = torch.tensor([r.tokens[-1] if r.tokens else self.pad_id for r in self.rows])
+        if len(keep) < len(self.rows):
+            self._drop(keep)
+        return done
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep only rows `keep`; cut the leading cache columns no remaining row uses."""
+        self._harvest(self.plan, self._row_pendings())
+        self.plan = None
+        if not keep:
+            self.rows, self.cache, self.mask, self.pending = [], None, None, None
+            return
+        idx = torch.tensor(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.batch_select_indices(idx)
+        self.mask, self.pending = self.mask[idx], self.pending[idx]
+        used = self.mask.any(0)
+        cut = int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
+        if cut:
+            self.mask = self.mask[:, cut:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+
+    def clear(self, reason: str) -> list[tuple[EngineRequest, Answer]]:
+        """End every running row with `reason` (after a failure); returns their requests."""
+        for r in self.rows:
+            r.finish = r.finish or reason
+        done = self._finish(self.rows)
+        self.rows, self.cache, self.mask, self.pending, self.plan = [], None, None, None, None
+        return done
+
+    def run(self, requests: list[EngineRequest], max_batch: int = 16) -> list[Answer]:
+        """Answers for `requests`, in order, at most `max_batch` samples running at once."""
+        for i, r in enumerate(requests):
+            try:
+                self.check(r)
+            except RoutingError as e:
+                raise RoutingError(f"request {i}: {e}") from None
+        if self.rows:
+            raise RoutingError("the engine is serving other requests; use add/step")
+        answers: dict[int, Answer] = {}
+        queue = list(requests)
+        try:
+            while queue or self.rows:
+                room = max_batch - len(self.rows)
+                take = []
+                while queue and (not take and not self.rows or room >= queue[0].params.n):
+                    room -= queue[0].params.n
+                    take.append(queue.pop(0))
+                done = self.add(take) if take else []
+                done += self.step()
+                for req, a in done:
+                    answers[id(req)] = a
+        finally:
+            self.clear("error")
+        return [answers[id(r)] for r in requests]
+
+    # -- routing plans and their reports -----------------------------------------------------------
+
+    def _row_pendings(self) -> list[_Pending]:
+        return [r.pending for r in self.rows]
+
+    def _plan_for(self, reqs: list[EngineRequest]) -> RoutingPlan | None:
+        if all(r.route is None for r in reqs):
+            return None
+        return RoutingPlan(self.experts.slots, [r.route for r in reqs], [r.mode for r in reqs])
+
+    def _routing(self, plan: RoutingPlan | None):
+        return routing(self.model, plan) if plan is not None else contextlib.nullcontext()
+
+    @staticmethod
+    def _harvest(plan: RoutingPlan | None, pendings: list[_Pending]) -> None:
+        """Move a plan's Arrow statistics into its requests before its rows change."""
+        if plan is None or not plan.arrows:
+            return
+        sums = plan.weight_sums
+        total = sum(sums.values()) if sums else None  # [rows, E]: summed over modules
+        names = plan.expert_set.names
+        for i, p in enumerate(pendings):
+            if not isinstance(p.req.route, Arrow):
+                continue
+            p.arrow_tokens += float(plan.tokens_seen[i])
+            if total is not None:
+                row = total[i]
+                for e in row.nonzero().flatten().tolist():
+                    p.arrow_sums[names[e]] = p.arrow_sums.get(names[e], 0.0) + float(row[e])
+        plan.weight_sums = {}
+        plan.tokens_seen.zero_()
+
+    def release(self) -> None:
+        """Take the multi-expert layers off the model (leave it as found)."""
+        if installed(self.model) is self.experts.slots:
+            uninstall(self.model)
+
+
+__all__ = ["Engine"]

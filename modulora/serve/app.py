@@ -1,0 +1,461 @@
+"""The FastAPI app (routes, API key, errors, models, health, metrics, adapters) and `modulora serve`.
+
+The completions and chat handlers' logic is in `serving`, the worker in `scheduler`, the
+request bodies in `protocol`; see the package's docstring for the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import upload
+from .errors import APIError
+from .metrics import Metrics, endpoint_of
+from ..routing.api import parse_fixed
+from ..routing.experts import RoutingError
+from .protocol import (SPECIAL_MODELS, ChatBody, CompletionBody, DetokenizeBody, LoadLoRABody, TokenizeBody,
+                       UnloadLoRABody, _error, chat_messages, chat_params, completion_params,
+                       completion_prompts)
+from .request_log import log_request
+from .scheduler import Scheduler
+from .serving import Serving
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class _Gate:
+    """Plain ASGI middleware (it never buffers a stream): the API key on writes, the request
+    metrics, an `x-request-id` header, a `Warning` header per note a handler left in
+    `request.state.warnings`, and one log line per request, written when the response has ended
+    (a handler adds its fields to `request.state.log`)."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"], state["log"] = rid, {}
+        status, counted = 500, False
+
+        async def send_(message):
+            nonlocal status, counted
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                notes = [(b"warning", f'299 modulora "{w}"'.encode("latin-1", "replace"))
+                         for w in state.get("warnings", ())]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode()),
+                                                  *notes]}
+                if not counted:
+                    counted = True
+                    self.metrics.request(method, endpoint_of(path), status, time.perf_counter() - start)
+            await send(message)
+
+        try:
+            # GET (and HEAD) are open; every other method under /v1/ needs the key when one is set:
+            # adapter uploads and deletes, and completions (they spend the server's compute).
+            if (self.api_key is not None and path.startswith("/v1/") and method not in ("GET", "HEAD", "OPTIONS")
+                    and not hmac.compare_digest(headers.get("authorization", "").encode(),
+                                                f"Bearer {self.api_key}".encode())):
+                await _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                             code="invalid_api_key")(scope, receive, send_)
+                return
+            await self.app(scope, receive, send_)
+        finally:
+            if not counted:
+                self.metrics.request(method, endpoint_of(path), 500, time.perf_counter() - start)
+            fields = {"request_id": rid, "method": method, "path": path, "status": status}
+            fields.update(state.get("log", {}))
+            if state.get("warnings"):
+                fields["warnings"] = state["warnings"]
+            fields["latency_s"] = round(time.perf_counter() - start, 4)
+            log_request(fields)
+
+
+def create_app(base, library, api_key: str | None = None, max_batch: int = 16, batch_wait_ms: float = 10,
+               queue_size: int = 64, max_upload_bytes: int = 256 << 20, max_resident_experts: int | None = None,
+               request_timeout: float | None = 300.0, prefix_cache: int = 32,
+               allowed_adapter_dirs: Iterable[str | os.PathLike] | None = None) -> FastAPI:
+    """The FastAPI app; its worker thread starts and stops with the app's lifespan.
+
+    `max_upload_bytes` bounds an adapter upload's request body and, separately, the unpacked
+    size of an uploaded archive; `max_resident_experts` the LoRA experts in memory (None: no
+    bound); `request_timeout` a request's seconds (None: no limit; a request may ask for less);
+    `prefix_cache` the routes whose chat-template KV is kept (0: none); `allowed_adapter_dirs`
+    the directories `POST /v1/load_lora_adapter` may load from (None or empty: that endpoint is off)."""
+    if request_timeout is not None and request_timeout <= 0:
+        raise ValueError("request_timeout must be > 0 (None: no limit)")
+    allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_adapter_dirs or ()]
+    for d in allowed_dirs:
+        if not d.is_dir():
+            raise ValueError(f"allowed adapter directory {str(d)!r} is not a directory")
+    scheduler = Scheduler(base, library, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
+                          max_resident_experts=max_resident_experts, prefix_cache=prefix_cache)
+    metrics = scheduler.metrics
+    tok = base.tokenizer
+    max_len, vocab_size = max_model_len(base), len(tok)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="modulora", lifespan=lifespan)
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errors[:5])
+        return _error(400, msg or "invalid request", param=".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                      else "server_error")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc: Exception):
+        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+
+    async def adapter_names() -> set[str]:
+        return {r.name for r in await asyncio.to_thread(library.list)}
+
+    @app.get("/health")
+    async def health():
+        alive = scheduler.alive
+        return JSONResponse({"status": "ok" if alive else "stopped", "queued": scheduler.waiting(),
+                             "running": len(scheduler.engine.rows)}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics_text():
+        eng = scheduler.engine
+        return PlainTextResponse(metrics.render(scheduler.waiting(), len(eng.rows), scheduler.resident.stats(),
+                                                (eng.prefix_hits, eng.prefix_misses)),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/adapters", status_code=201)
+    async def upload_adapter(request: HTTPRequest):
+        created = False
+        try:
+            body = await upload.read_body(request, max_upload_bytes)
+            fields, files = upload.parse_multipart(body, request.headers.get("content-type", ""))
+            del body
+            name = upload.check_upload_name(fields.get("name", ""), SPECIAL_MODELS)
+            request.state.log["adapter"] = name
+            adapter_files = await asyncio.to_thread(upload.adapter_files, files, max_upload_bytes)
+            del files
+            rec = await asyncio.to_thread(upload.add_to_library, library, name, adapter_files, base.fingerprint)
+            created = True
+        finally:
+            metrics.upload(created)
+        return JSONResponse({"object": "adapter", "id": rec.name, "name": rec.name, "version": rec.version,
+                             "type": rec.type, "object_id": rec.object_id, "created": rec.created,
+                             "num_params": rec.num_params}, status_code=201)
+
+    async def on_adapter(call, name: str):
+        """Run a library call for one named adapter off the event loop; unknown names -> 404."""
+        from ..library import LibraryError
+
+        try:
+            return await asyncio.to_thread(call, name)
+        except LibraryError as e:
+            raise APIError(404, str(e), param="name", code="adapter_not_found") from None
+
+    @app.get("/v1/adapters/{name}")
+    async def show_adapter(name: str):
+        info = await on_adapter(library.show, name)
+        info.pop("path", None)  # the server's file system is not the client's business
+        return info
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str):
+        n = await on_adapter(library.remove, name)
+        metrics.delete()
+        return {"object": "adapter.deleted", "id": name, "name": name, "deleted": True, "versions_removed": n}
+
+    def model_card(name: str, created: int) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "modulora", "root": base.name,
+                "parent": None if name == "base" else base.name, "max_model_len": max_len}
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        names = sorted(await adapter_names()) + list(SPECIAL_MODELS)
+        return {"object": "list", "data": [model_card(n, created) for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in SPECIAL_MODELS and model_id not in await adapter_names():
+            raise APIError(404, f"the model {model_id!r} does not exist; GET /v1/models lists them", param="model",
+                           code="model_not_found")
+        return model_card(model_id, int(time.time()))
+
+    async def check_model(spec: str | None) -> None:
+        """404 unless `spec` (when given) names a model or a fixed route of known adapters."""
+        if spec is None or spec.strip() in SPECIAL_MODELS:
+            return
+        names = await adapter_names()
+        try:
+            unknown = [n for n in parse_fixed(spec) if n not in names]
+        except RoutingError:
+            unknown = [spec]
+        if unknown:
+            raise APIError(404, f"the model {unknown[0]!r} does not exist; GET /v1/models lists them", param="model",
+                           code="model_not_found")
+
+    # -- the tokenizer (vLLM's /tokenize and /detokenize): every model shares the base's ----------
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        await check_model(body.model)
+        if body.messages is not None:
+            messages = chat_messages(body)
+            text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False,
+                                           add_generation_prompt=body.add_generation_prompt)
+            special = bool(body.add_special_tokens)
+        else:
+            text, special = body.prompt, body.add_special_tokens is not False
+        ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=special)
+        out = {"count": len(ids), "max_model_len": max_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        await check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"tokens holds {bad[0]}, outside the vocabulary [0, {vocab_size})", param="tokens")
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
+
+    # -- vLLM's adapter loading from the server's own disk -----------------------------------------
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: HTTPRequest, body: LoadLoRABody):
+        if not allowed_dirs:
+            raise APIError(403, "loading adapters from server paths is off; the operator enables it with "
+                                "--allowed-adapter-dir DIR (uploads: POST /v1/adapters)", param="lora_path",
+                           code="adapter_loading_disabled")
+        try:
+            name = upload.check_upload_name(body.lora_name, SPECIAL_MODELS)
+        except APIError as e:
+            msg = "lora_name is missing" if not body.lora_name.strip() else f"lora_name: {e.message}"
+            raise APIError(e.status, msg, param="lora_name", code=e.code) from None
+        request.state.log["adapter"] = name
+        path = adapter_dir(body.lora_path, allowed_dirs)
+        if name in await adapter_names():  # as vLLM: a loaded name is unloaded first, not overwritten
+            raise APIError(400, f"the adapter {name!r} is already loaded; unload it first", param="lora_name",
+                           code="adapter_exists")
+        created = False
+        try:
+            rec = await asyncio.to_thread(add_dir, library, name, path, base.fingerprint)
+            created = True
+        finally:
+            metrics.upload(created)
+        return {"object": "adapter", "id": rec.name, "name": rec.name, "version": rec.version, "type": rec.type,
+                "object_id": rec.object_id, "created": rec.created, "num_params": rec.num_params,
+                "message": f"Success: LoRA adapter {name!r} added successfully."}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: HTTPRequest, body: UnloadLoRABody):
+        request.state.log["adapter"] = body.lora_name
+        try:
+            n = await on_adapter(library.remove, body.lora_name)
+        except APIError as e:
+            raise APIError(404, f"lora_name: {e.message}", param="lora_name", code=e.code) from None
+        metrics.delete()
+        return {"object": "adapter.deleted", "id": body.lora_name, "name": body.lora_name, "deleted": True,
+                "versions_removed": n, "message": f"Success: LoRA adapter {body.lora_name!r} removed successfully."}
+
+    # -- completions -------------------------------------------------------------------------------
+    serving = Serving(scheduler, tok, adapter_names, request_timeout)
+    app.state.serving = serving
+
+    def note(request: HTTPRequest, body) -> None:
+        """Log the client's `user` and hand the body's warnings to the Warning header."""
+        if body.user is not None:
+            request.state.log["user"] = body.user
+        if body.warnings:
+            request.state.warnings = list(body.warnings)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest, body: CompletionBody):
+        note(request, body)
+        completion_prompts(body), completion_params(body)  # checked here whatever the handler reads
+        return await serving.completions(request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest, body: ChatBody):
+        note(request, body)
+        chat_messages(body), chat_params(body)
+        return await serving.chat(request, body)
+
+    return app
+
+
+def max_model_len(base) -> int | None:
+    """The longest sequence the base takes: its position limit, or the tokenizer's if smaller
+    (tokenizers without one say 1e30)."""
+    limits = [getattr(base.model.config, "max_position_embeddings", None),
+              getattr(base.tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1 << 32]
+    return min(limits) if limits else None
+
+
+def adapter_dir(text: str, allowed: list[Path]) -> Path:
+    """The adapter directory `text` names, symlinks and `..` resolved first; 403 unless it lies
+    inside one of the `allowed` (resolved) directories, 400 when it is not a directory."""
+    if not text or "\0" in text:
+        raise APIError(400, "lora_path is empty or malformed", param="lora_path")
+    path = Path(os.path.realpath(text))
+    if not any(path == d or path.is_relative_to(d) for d in allowed):
+        raise APIError(403, "lora_path is outside the directories this server loads adapters from "
+                            "(--allowed-adapter-dir)", param="lora_path", code="path_not_allowed")
+    if not path.is_dir():
+        raise APIError(400, "lora_path is not a directory", param="lora_path", code="invalid_adapter")
+    return path
+
+
+def add_dir(library, name: str, path: Path, fingerprint: dict):
+    """Add the adapter directory `path` as `name`, checked as an upload is (the library's add);
+    refused adapters -> 422 (the library is unchanged), a busy library -> 409."""
+    from ..base import BaseModelError
+    from ..library import LibraryError
+    from ..validate import ValidationError
+
+    try:
+        return library.add(name, path, fingerprint)
+    except (ValidationError, BaseModelError) as e:
+        raise APIError(422, f"the adapter at lora_path is refused: {e}", param="lora_path",
+                       code="invalid_adapter") from None
+    except LibraryError as e:
+        raise APIError(409, str(e), code="library_busy") from None
+
+
+MALLOC_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit)
+
+
+def keep_freed_memory(keep_bytes: int = MALLOC_KEEP_BYTES) -> bool:
+    """Ask glibc's malloc to serve blocks up to `keep_bytes` from its heaps and keep freed memory
+    there (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) instead of mapping and unmapping it.
+
+    Every forward allocates activations, logits and a grown KV cache of a few hundred KiB to a
+    few MiB; by default such blocks are mmap'ed, and each one's pages fault in afresh when first
+    written, which on a virtual machine can cost as much as the arithmetic (a batched prefill
+    took about twice as long). Kept memory is reused by the next forward, so the server's memory
+    stays bounded by its largest step. False where this is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = mallopt(M_MMAP_THRESHOLD, int(keep_bytes)) == 1
+    return bool(mallopt(M_TRIM_THRESHOLD, int(4 * keep_bytes)) == 1 and ok)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from ..base import load_base
+    from ..library import Library
+    from .request_log import configure
+
+    configure(args.log_format)
+    keep_freed_memory()
+    base = load_base(args.base)
+    app = create_app(base, Library(args.library), api_key=args.api_key, max_batch=args.max_batch,
+                     batch_wait_ms=args.batch_wait_ms, queue_size=args.queue_size,
+                     max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                     max_resident_experts=args.max_resident_experts or None,
+                     request_timeout=args.request_timeout or None, prefix_cache=args.prefix_cache,
+                     allowed_adapter_dirs=args.allowed_adapter_dirs)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+
+
+def add_serve_command(subparsers) -> None:
+    """`modulora serve`; `--library` may come before or after `serve`."""
+    import argparse
+
+    def at_least(lo: float, kind=int):
+        def parse(text: str):
+            try:
+                v = kind(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            if not v >= lo:
+                raise argparse.ArgumentTypeError(f"must be at least {lo}, got {text}")
+            return v
+        return parse
+
+    s = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server over the library")
+    s.add_argument("--library", default=argparse.SUPPRESS,
+                   help="library folder (as the top-level --library; default $MODULORA_HOME/library)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ endpoints other than GET")
+    s.add_argument("--base", default=None, help="base model (default: the bundled SmolLM2)")
+    s.add_argument("--max-batch", type=at_least(1), default=16, help="prompts generating together at most")
+    s.add_argument("--batch-wait-ms", type=at_least(0, float), default=10,
+                   help="when idle, wait this long for more requests to start together")
+    s.add_argument("--queue-size", type=at_least(1), default=64, help="waiting requests at most (more -> 429)")
+    s.add_argument("--max-upload-mb", type=at_least(0, float), default=256,
+                   help="largest adapter upload, and largest unpacked archive, in MiB (more -> 413)")
+    s.add_argument("--max-resident-experts", type=at_least(0), default=0,
+                   help="LoRA experts kept in memory at most, least recently used evicted (0: no bound)")
+    s.add_argument("--request-timeout", type=at_least(0, float), default=300,
+                   help="seconds a request may take, queueing included, before it is stopped with 504 "
+                        "(0: no limit; a request's own 'timeout' field may ask for less)")
+    s.add_argument("--prefix-cache", type=at_least(0), default=32,
+                   help="routes whose chat-template keys/values are kept for reuse (0: none)")
+    s.add_argument("--allowed-adapter-dir", dest="allowed_adapter_dirs", action="append", default=[],
+                   metavar="DIR", help="POST /v1/load_lora_adapter may load adapters from inside DIR "
+                                       "(repeatable; none: that endpoint is off)")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="one line per request on stderr: key=value text, or JSON")
+    s.add_argument("--log-level", default="info", help="uvicorn's own log level")
+    s.set_defaults(func=cmd_serve)
+
+
+__all__ = ["create_app", "add_serve_command", "cmd_serve", "keep_freed_memory"]

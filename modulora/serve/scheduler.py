@@ -1,0 +1,398 @@
+"""The worker that owns the engine: queued prompts join a continuously running batch.
+
+One worker thread; each prompt is one `_Item` in a bounded queue (full -> 429). Between two
+decode steps the worker takes what waits, resolves the routes, makes sure the LoRA experts they
+need are resident, prefills them in one pass and merges them into the running batch
+(`modulora.routing.engine`); every sample leaves the batch the step it ends. Series, parallel
+and prefix routes are answered by `generate_routed` in a batch of their own between two steps
+(greedy only, for now).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..routing.api import Router
+from ..routing.arrow import Arrow
+from ..routing.batch import Request, generate_routed
+from ..routing.engine import Engine
+from ..routing.experts import RoutingError
+from ..routing.requests import Answer, EngineRequest, Sample, SamplingParams, TokenEvent
+from .errors import APIError
+from .metrics import Metrics
+
+
+@dataclass(eq=False)  # compared by identity
+class _Item:
+    """One prompt on its way through the scheduler: its token ids, the text a router reads
+    (`query`: the user's own words), the route text, and how to sample."""
+
+    prompt_ids: list[int]
+    query: str
+    route: str
+    route_top_k: int = 1
+    mode: str = "mixture"
+    params: SamplingParams = field(default_factory=SamplingParams)
+    content_span: tuple[int, int] | None = None
+    timeout: float | None = None  # seconds, for the error message
+    deadline: float | None = None  # time.monotonic() past which the item gives up
+    on_token: Callable[[TokenEvent], None] | None = None  # called in the worker thread
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    stopped: str | None = None  # set by the handler: "client_disconnect", "timeout" or "abandoned"
+    resolved: Any = None  # the route object, set by the worker
+
+    def stop_reason(self) -> str | None:
+        """Why this item should stop now (None: keep going); read by the worker before each step."""
+        if self.stopped:
+            return self.stopped
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "timeout"
+        return None
+
+
+def _timeout_error(seconds: float | None) -> APIError:
+    limit = f" of {seconds:g} s" if seconds is not None else ""
+    return APIError(504, f"the request did not finish within its timeout{limit}; ask for fewer max_tokens "
+                         "or a longer timeout", "timeout_error", param="timeout", code="request_timeout")
+
+
+def _stop_error(item: _Item, reason: str) -> APIError:
+    if reason == "timeout":
+        return _timeout_error(item.timeout)
+    return APIError(499, f"the request was stopped ({reason.replace('_', ' ')})", code=reason)
+
+
+class Scheduler:
+    """One worker thread that owns the model: queued prompts join a continuously running batch."""
+
+    def __init__(self, base, library, max_batch: int = 16, batch_wait_ms: float = 10, queue_size: int = 64,
+                 max_resident_experts: int | None = None, prefix_cache: int = 32, join_min: int = 8,
+                 join_wait_steps: int = 3):
+        if max_batch < 1 or queue_size < 1:
+            raise ValueError("max_batch and queue_size must be at least 1")
+        if join_min < 1 or join_wait_steps < 0:
+            raise ValueError("join_min must be at least 1 and join_wait_steps at least 0")
+        self.base, self.router = base, Router(base, library)
+        self.engine = Engine(base, library, max_resident=max_resident_experts, prefix_entries=prefix_cache)
+        self.resident = self.engine.experts
+        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.deferred: collections.deque[_Item] = collections.deque()  # resolved, waiting for expert room
+        self._jobs: dict[int, _Item] = {}  # id(Job) -> its item, while admitted
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.batches = 0  # prefill passes (groups of prompts that joined together)
+        self.steps = 0  # decode steps
+        self.largest_batch = 0  # most rows in one pass
+        self.metrics: Metrics = Metrics()
+        # While rows are running, newcomers join in groups: a prefill has a fixed cost (every weight
+        # is read once, as in a decode step) shared by the prompts it takes, so a few waiting
+        # prompts wait up to `join_wait_steps` decode steps for `join_min` (or the free rows) to
+        # gather. With nothing running they start at once (after `batch_wait_ms`).
+        self.join_min, self.join_wait_steps = join_min, join_wait_steps
+        self._holding_since: int | None = None  # the decode step at which waiting prompts were first held
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="modulora-serve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        shutting = APIError(503, "the server is shutting down", "server_error")
+        for req, _ in self.engine.clear("shutdown"):
+            self._fail(self._jobs.pop(id(req), None), shutting)
+        self.engine.release()
+        while self.deferred:
+            self._fail(self.deferred.popleft(), shutting)
+        while True:
+            try:
+                self._fail(self.queue.get_nowait(), shutting)
+            except queue.Empty:
+                break
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def waiting(self) -> int:
+        """Prompts not yet generating: queued, or resolved and waiting for room among the experts."""
+        return self.queue.qsize() + len(self.deferred)
+
+    def submit(self, items: list[_Item]) -> None:
+        """Queue all items or none of them (429 when the queue cannot take them all)."""
+        if not self.alive:
+            raise APIError(503, "the server is not running", "server_error")
+        with self.queue.mutex:
+            room = self.queue.maxsize - len(self.queue.queue)
+        if len(items) > room:
+            raise APIError(429, f"the request queue is full ({self.queue.maxsize} waiting); retry shortly",
+                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        for item in items:
+            try:
+                self.queue.put_nowait(item)
+            except queue.Full:  # raced with another handler: fail the rest of this request
+                item.future.set_exception(APIError(429, "the request queue is full; retry shortly",
+                                                   "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}))
+
+    # -- the worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._hold():
+                    self._admit()
+                if self.engine.rows:
+                    rows = len(self.engine.rows)
+                    finished = self.engine.step()
+                    self.steps += 1
+                    self.largest_batch = max(self.largest_batch, rows)
+                    self.metrics.step(rows)
+                    self._deliver(finished)
+            except Exception as e:  # noqa: BLE001 - the worker must survive any failure of one step
+                for req, _ in self.engine.clear("error"):
+                    self._fail(self._jobs.pop(id(req), None), e)
+                for item in list(self._jobs.values()):
+                    self._fail(item, e)
+                self._jobs.clear()
+
+    def _hold(self) -> bool:
+        """Whether to let waiting prompts gather for one more decode step before they join."""
+        if not self.engine.rows:
+            self._holding_since = None
+            return False
+        waiting = self.waiting()
+        enough = min(self.join_min, self.max_batch - len(self.engine.rows))
+        if waiting == 0 or waiting >= enough:
+            self._holding_since = None
+            return waiting == 0
+        if self._holding_since is None:
+            self._holding_since = self.steps
+        if self.steps - self._holding_since >= self.join_wait_steps:
+            self._holding_since = None
+            return False
+        return True
+
+    def _take(self, n: int, wait: bool) -> list[_Item]:
+        """Up to n queued items; with `wait`, block briefly for the first and then `batch_wait` for more."""
+        items: list[_Item] = []
+        if n <= 0:
+            return items
+        if wait:
+            try:
+                items.append(self.queue.get(timeout=0.1))
+            except queue.Empty:
+                return items
+            deadline = time.monotonic() + self.batch_wait
+            while len(items) < n:
+                left = deadline - time.monotonic()
+                try:
+                    items.append(self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            return items
+        while len(items) < n:
+            try:
+                items.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _admit(self) -> None:
+        """Let waiting items join the running batch (between two decode steps)."""
+        free = self.max_batch - len(self.engine.rows)
+        if free <= 0:
+            return
+        idle = not self.engine.rows and not self.deferred
+        fresh = [it for it in self._take(max(free - len(self.deferred), 0), wait=idle)
+                 if it.future.set_running_or_notify_cancel()]
+        if not fresh and not self.deferred:
+            return
+        fresh = self._live(fresh)
+        self._resolve(fresh)
+        fresh = [it for it in fresh if not it.future.done()]
+        types = self.router.adapter_types() if fresh else {}
+        family = [it for it in fresh if isinstance(it.resolved, dict)
+                  and any(types.get(n) != "lora" for n in it.resolved)]
+        if family:
+            self._answer_family(family)
+        candidates = self._live(list(self.deferred)) + [it for it in fresh if it not in family]
+        self.deferred.clear()
+        self._join(candidates, free)
+
+    def _live(self, items: list[_Item]) -> list[_Item]:
+        """The items still wanted; the others are answered with their stop reason."""
+        out = []
+        for it in items:
+            reason = it.stop_reason()
+            if reason:
+                self._stopped(it, reason, 0)
+            else:
+                out.append(it)
+        return out
+
+    def _resolve(self, items: list[_Item]) -> None:
+        """Set each item's route object; an item whose route fails is answered 400 alone."""
+        by_k: dict[int, list[_Item]] = {}
+        for it in items:
+            by_k.setdefault(it.route_top_k, []).append(it)
+        for k, group in by_k.items():
+            try:
+                routes = self.router.resolve([it.query for it in group], [it.route for it in group], top_k=k)
+                for it, r in zip(group, routes):
+                    it.resolved = r
+            except RoutingError:  # find which ones fail, answer the rest
+                for it in group:
+                    try:
+                        it.resolved = self.router.resolve([it.query], [it.route], top_k=k)[0]
+                    except RoutingError as e:
+                        self._fail(it, APIError(400, str(e), param="model"))
+
+    def _needs(self, it: _Item) -> set[str]:
+        """The LoRA experts an item's rows use."""
+        if isinstance(it.resolved, Arrow):
+            return set(self.router.lora_names())
+        return set(it.resolved) if isinstance(it.resolved, dict) else set()
+
+    def _join(self, candidates: list[_Item], free: int) -> None:
+        """Admit candidates in order while their rows and experts fit; the rest wait in `deferred`."""
+        pinned = self.engine.pinned()
+        admit: list[_Item] = []
+        blocked = False
+        cap = self.resident.capacity
+        for it in candidates:
+            need = self._needs(it)
+            if cap is not None and len(need) > cap:
+                msg = (self.resident.needs_all_message(it.route, len(need))
+                       if isinstance(it.resolved, Arrow) or it.route.strip() == "uniform" else
+                       f"route {it.route!r} uses {len(need)} LoRA adapters at once, but this server keeps at most "
+                       f"{cap} resident (--max-resident-experts)")
+                self._fail(it, APIError(400, msg, param="model", code="too_many_experts"))
+                continue
+            rows = it.params.n
+            alone = not admit and not self.engine.rows  # a request wider than the batch runs alone
+            if (rows > free and not alone) or (need and (blocked or not self.resident.fits(need, pinned))):
+                blocked = blocked or bool(need)
+                self.deferred.append(it)
+                continue
+            admit.append(it)
+            free -= rows
+            pinned |= need
+        if not admit:
+            return
+        needed = set().union(*(self._needs(it) for it in admit))
+        if needed:
+            try:
+                self.engine.ensure_experts(needed)
+            except RoutingError as e:
+                for it in admit:
+                    if self._needs(it):
+                        self._fail(it, APIError(400, str(e), param="model"))
+                admit = [it for it in admit if not self._needs(it)]
+                if not admit:
+                    return
+        reqs = []
+        for it in admit:
+            req = EngineRequest(it.prompt_ids, it.resolved, mode=it.mode, params=it.params,
+                                content_span=it.content_span, on_token=it.on_token, should_stop=it.stop_reason)
+            try:
+                self.engine.check(req)
+            except RoutingError as e:
+                self._fail(it, APIError(400, str(e), param="model" if "expert" in str(e) else None))
+                continue
+            self._jobs[id(req)] = it
+            reqs.append(req)
+        if not reqs:
+            return
+        finished = self.engine.add(reqs)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, sum(r.params.n for r in reqs))
+        self.metrics.batch(len(reqs), sum(len(r.prompt_ids) for r in reqs))
+        self._deliver(finished)
+
+    def _answer_family(self, items: list[_Item]) -> None:
+        """Series, parallel and prefix routes: one `generate_routed` batch of their own (the
+        running rows wait for it), greedy only; a batch refused as a whole is retried item by item."""
+        for it in list(items):
+            p = it.params
+            if not p.greedy or p.n > 1 or p.logprobs is not None or p.prompt_logprobs or p.stop or p.stop_token_ids \
+                    or p.presence_penalty or p.frequency_penalty or p.ignore_eos:
+                self._fail(it, APIError(400, "series, parallel and prefix adapters are served greedily without "
+                                             "stop, n, logprobs, echo or penalties (for now); use a LoRA adapter "
+                                             "or leave those fields out", param="model"))
+                items.remove(it)
+        if not items:
+            return
+        types = self.router.adapter_types()
+        named = {n for it in items for n in it.resolved}
+        try:
+            others = self.router.family_experts(sorted(n for n in named if types.get(n) != "lora"))
+            lora = sorted(n for n in named if types.get(n) == "lora")
+            if lora:  # a route mixing families is refused by generate_routed; it needs the set to say so
+                self.engine.ensure_experts(set(lora))
+            requests = [Request("", it.resolved, mode=it.mode, max_new_tokens=it.params.max_tokens,
+                                prompt_ids=it.prompt_ids) for it in items]
+
+            def on_token(i: int, token: int) -> None:
+                if items[i].on_token is not None:
+                    items[i].on_token(TokenEvent(0, token, self.base.tokenizer.decode([token]), None))
+
+            answers = generate_routed(self.base, self.engine.experts.slots if lora else None, requests,
+                                      batch_size=len(requests), others=others, on_token=on_token,
+                                      should_stop=lambda i: items[i].stop_reason() is not None)
+        except RoutingError as e:
+            if len(items) > 1:
+                for it in items:
+                    self._answer_family([it])
+            else:
+                self._fail(items[0], APIError(400, str(e), param="model"))
+            return
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(items))
+        self.metrics.batch(len(items), sum(a.prompt_tokens for a in answers))
+        for it, a in zip(items, answers):
+            if a.finish_reason == "stopped":
+                self._stopped(it, it.stop_reason() or "abandoned", len(a.token_ids))
+            else:
+                self.metrics.finished(len(a.token_ids))
+                text = self.base.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+                it.future.set_result(Answer([Sample(0, list(a.token_ids), text, a.finish_reason)], a.prompt_tokens,
+                                            a.experts))
+
+    def _deliver(self, done: list[tuple[EngineRequest, Answer]]) -> None:
+        for req, answer in done:
+            it = self._jobs.pop(id(req), None)
+            if it is None:
+                continue
+            reasons = [s.finish_reason for s in answer.samples]
+            if all(r in ("stop", "length") for r in reasons):
+                self.metrics.finished(answer.completion_tokens)
+                it.future.set_result(answer)
+            else:
+                reason = next(r for r in reasons if r not in ("stop", "length"))
+                self._stopped(it, reason, answer.completion_tokens)
+
+    def _stopped(self, it: _Item, reason: str, tokens: int) -> None:
+        self.metrics.stop(reason, tokens)
+        self._fail(it, _stop_error(it, reason))
+
+    @staticmethod
+    def _fail(it: _Item | None, exc: BaseException) -> None:
+        if it is not None and not it.future.done():
+            it.future.set_exception(exc)
+
+
+__all__ = ["Scheduler", "_Item", "_timeout_error", "_stop_error"]
