@@ -254,3 +254,46 @@ def test_newcomers_gather_for_a_few_steps_while_rows_run(base, lib):
     s.engine.rows = []
     with pytest.raises(ValueError):
         Scheduler(base, lib, join_min=0)
+
+
+def test_experts_of_different_modules_and_ranks_share_the_slots(base, lib, tmp_path):
+    """A LoRA on q_proj/v_proj only, of another rank, loads into a free slot beside full ones: its
+    route answers as the adapter attached alone, the others' answers do not change, and Arrow
+    routes over all of them (an expert is never picked at a module it does not adapt)."""
+    from modulora.adapters import AdapterConfig, attach, detach, save_adapter
+    from modulora.adapters.wrap import wrappers
+    from modulora.generate import using_adapter
+    from modulora.routing.experts import load_experts_from_dirs
+
+    maker = load_base("tiny")
+    attach(maker.model, AdapterConfig(type="lora", r=2, alpha=4.0, target_modules=("q_proj", "v_proj")), seed=3)
+    gen = torch.Generator().manual_seed(77)
+    with torch.no_grad():
+        for _, mod in wrappers(maker.model):
+            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=gen) * 0.5)
+    save_adapter(maker.model, tmp_path / "qv", card={"name": "qv", "type": "lora", "base_fingerprint": base.fingerprint})
+    detach(maker.model)
+
+    eng = new_engine(base, lib)
+    before = eng.run([request(eng, "hello there", {"a": 1.0}, max_new=8)])[0].samples[0].token_ids
+    slots = eng.experts.slots
+    kept = {n: slots.index(n) for n in NAMES}
+    eng.use_experts(load_experts_from_dirs([tmp_path / "qv"]))
+    assert {n: slots.index(n) for n in NAMES} == kept  # nobody moved
+    assert bool(slots.present["model.layers.0.self_attn.q_proj"][slots.index("qv")])
+    assert not bool(slots.present["model.layers.0.mlp.up_proj"][slots.index("qv")])
+    got = eng.run([request(eng, "hello there", {"a": 1.0}, max_new=8), request(eng, "hello there", {"qv": 1.0}, max_new=8),
+                   request(eng, "hello there", Arrow(top_k=2), max_new=8)])
+    eng.release()
+    assert got[0].samples[0].token_ids == before
+    with using_adapter(maker, tmp_path / "qv") as model:
+        from modulora.generate import generate_ids
+
+        ids, _ = eng.encode_prompt("hello there")
+        alone = generate_ids(model, [ids], maker.tokenizer.eos_token_id, maker.tokenizer.pad_token_id, 8)[0]
+    assert got[1].samples[0].token_ids == alone
+    assert set(got[2].experts) <= set(NAMES) | {"qv"} and abs(sum(got[2].experts.values()) - 1) < 1e-6
+    # evicting frees the slot; the next load reuses it
+    slot = slots.index("qv")
+    eng.experts._evict("qv")
+    assert slots.names[slot] is None and not bool(slots.A["model.layers.0.self_attn.q_proj"][slot].any())
