@@ -52,32 +52,56 @@ def cmd_train(args) -> None:
 
 def cmd_generate(args) -> None:
     from .base import load_base
-    from .generate import generate, using_adapter
+    from .routing.requests import SamplingParams
 
     if not args.prompt:
         raise SystemExit("error: give at least one --prompt")
     if sum(map(bool, (args.adapter, args.base_only, args.route))) != 1:
         raise SystemExit("error: give one of --adapter NAME, --route POLICY or --base-only")
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop=tuple(args.stop))
+    params.validate()
+    base = load_base(args.base)
     if args.route:
         from .routing.api import Router, explain_lines
 
-        base = load_base(args.base)
         router = Router(base, _library(args))
         answers = router.answer(args.prompt, [args.route] * len(args.prompt), top_k=args.top_k, mode=args.mode,
-                                max_new_tokens=args.max_new_tokens, explain=args.explain)
+                                explain=args.explain, sampling=params)
         for prompt, ans in zip(args.prompt, answers):
             print(f">>> {prompt}\n{ans.text}")
             if args.explain:
                 print("\n".join(["routing:"] + explain_lines(ans, per_layer=args.route == "arrow")))
             print()
         return
-    path = _adapter_path(args)
-    base = load_base(args.base)
-    with using_adapter(base, path) as model:
-        answers = generate(model, base.tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed)
-    for prompt, answer in zip(args.prompt, answers):
-        print(f">>> {prompt}\n{answer}\n" if len(args.prompt) > 1 else answer)
+    from .routing.engine import Engine
+    from .routing.requests import EngineRequest
+
+    engine = Engine(base)
+    route = None
+    if args.adapter:
+        route = {_load_one(engine, _library(args), args.adapter, base): 1.0}
+    reqs = []
+    for p in args.prompt:
+        ids, span = engine.encode_prompt(p)
+        reqs.append(EngineRequest(ids, route, params=params, content_span=span))
+    answers = engine.run(reqs)
+    engine.release()
+    for prompt, a in zip(args.prompt, answers):
+        print(f">>> {prompt}\n{a.text.strip()}\n" if len(args.prompt) > 1 else a.text.strip())
+
+
+def _load_one(engine, lib, ref: str, base) -> str:
+    """Put adapter `NAME[@VERSION]` of the library (any type) into the engine; its name."""
+    from .routing.experts import library_record, load_experts
+    from .routing.family import load_family
+
+    rec = library_record(lib, ref)
+    if rec.type == "lora":
+        engine.use_experts(load_experts(lib, [ref], fingerprint=base.fingerprint))
+    else:
+        engine.use_family(load_family(lib, [ref], fingerprint=base.fingerprint))
+    return rec.name
 
 
 def cmd_router(args) -> None:
@@ -204,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     g.add_argument("--base", default=None, help=base_help)
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="a string that ends the answer (repeatable)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="score routes (methods) on data files; resumable; tables and plots")

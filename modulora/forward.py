@@ -59,11 +59,14 @@ def _prefix_mask(model: torch.nn.Module, attention_mask: torch.Tensor) -> torch.
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            cache: DynamicCache | None = None, **kwargs) -> tuple[torch.Tensor, DynamicCache]:
+            cache: DynamicCache | None = None, positions: torch.Tensor | None = None,
+            **kwargs) -> tuple[torch.Tensor, DynamicCache]:
     """Logits for `input_ids` and the updated cache.
 
     `attention_mask` covers every token seen so far in this sequence (earlier steps and this one),
-    not the prefix; rows may be left padded.
+    not the prefix; rows may be left padded. `positions` [b, t], when given, are the position ids
+    of this forward's tokens (a caller that keeps per-row prefixes in the cache as ordinary
+    columns knows them); by default they count the real tokens of `attention_mask`.
     """
     b, t = input_ids.shape
     if cache is None:
@@ -72,7 +75,8 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     prefix_mask = _prefix_mask(model, attention_mask)
     if prefix_mask is not None:
         mask = torch.cat([prefix_mask, attention_mask], dim=1)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
+    if positions is None:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -t:]
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, **kwargs)
     return out.logits, cache

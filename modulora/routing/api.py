@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .arrow import Arrow
 from .batch import Request, RoutedAnswer, generate_routed
-from .experts import ExpertSet, RoutingError, load_experts
+from .experts import LoraExpert, RoutingError, load_experts
 from .family import load_family
 
 POLICIES = ("arrow", "retrieval", "learned", "uniform")
@@ -42,21 +42,37 @@ class Router:
 
     def __init__(self, base, library):
         self.base, self.library = base, library
-        self._experts: ExpertSet | None = None
+        self._experts: list[LoraExpert] | None = None
         self._experts_key: dict | None = None
         self._types: dict[str, str] = {}
         self._types_key: dict | None = None
         self._family: dict[str, object] = {}  # object id -> series / parallel / prefix expert
         self._retrieval = None
         self._learned = None
+        self._engine = None
 
-    def experts(self) -> ExpertSet:
-        """Every LoRA adapter of the library, stacked; rebuilt only when the library changed."""
+    def experts(self) -> list[LoraExpert]:
+        """Every LoRA adapter of the library; read again only when the library changed."""
         key = self.library.latest_object_ids()
         if self._experts is None or key != self._experts_key:
-            self._experts = ExpertSet(load_experts(self.library, fingerprint=self.base.fingerprint))
+            self._experts = load_experts(self.library, fingerprint=self.base.fingerprint)
             self._experts_key = key
         return self._experts
+
+    def engine(self):
+        """This router's engine (kept between calls: experts stay in their slots)."""
+        if self._engine is None:
+            from .engine import Engine
+
+            self._engine = Engine(self.base)
+        return self._engine
+
+    def family_for(self, resolved: list) -> tuple[dict, bool]:
+        """(the series / parallel / prefix experts these routes name, whether any route uses LoRA)."""
+        types = self.adapter_types()
+        named = {n for r in resolved if isinstance(r, dict) for n in r}
+        others = self.family_experts(sorted(n for n in named if types.get(n) != "lora"))
+        return others, any(isinstance(r, Arrow) for r in resolved) or any(types.get(n) == "lora" for n in named)
 
     def lora_names(self) -> list[str]:
         """The library's LoRA adapters (latest versions) in the expert set's order, without loading
@@ -140,16 +156,19 @@ class Router:
 
     def answer(self, prompts: list[str], routes: list[str], top_k: int = 1, mode: str = "mixture",
                max_new_tokens: int = 64, explain: bool = False, batch_size: int = 16,
-               exclude: list[list[str]] | None = None) -> list[RoutedAnswer]:
-        """Answers for mixed requests, each with its own route, in shared batched passes."""
+               exclude: list[list[str]] | None = None, sampling=None) -> list[RoutedAnswer]:
+        """Answers for mixed requests, each with its own route, in shared batched passes; greedy
+        unless `sampling` (a SamplingParams, whose max_tokens then counts) says otherwise."""
         resolved = self.resolve(prompts, routes, top_k, exclude)
-        requests = [Request(p, r, mode=mode, max_new_tokens=max_new_tokens) for p, r in zip(prompts, resolved)]
-        types = self.adapter_types()
-        named = {n for r in resolved if isinstance(r, dict) for n in r}
-        others = self.family_experts(sorted(n for n in named if types.get(n) != "lora"))
-        uses_lora = any(isinstance(r, Arrow) for r in resolved) or any(types.get(n) == "lora" for n in named)
-        return generate_routed(self.base, self.experts() if uses_lora else None, requests, batch_size=batch_size,
-                               explain=explain, others=others)
+        requests = [Request(p, r, mode=mode, max_new_tokens=max_new_tokens if sampling is None else sampling.max_tokens,
+                            params=sampling) for p, r in zip(prompts, resolved)]
+        others, uses_lora = self.family_for(resolved)
+        eng = self.engine()
+        try:
+            return generate_routed(self.base, self.experts() if uses_lora else None, requests, batch_size=batch_size,
+                                   explain=explain, others=others, engine=eng)
+        finally:
+            eng.release()  # leave the model as found: the next user may attach an adapter to it
 
 
 def top_expert(answer: RoutedAnswer) -> str | None:

@@ -1,5 +1,5 @@
-"""Heterogeneous batches: requests that each want different experts, answered together in one
-left-padded, KV-cached, greedy generation in which every row follows its own route.
+"""Heterogeneous batches: requests that each want different experts, answered together by the
+engine (`engine.Engine`), every row following its own route; greedy, for the CLI and Python API.
 
     answers = generate_routed(base, expert_set, [
         Request("What is the capital of France?", {"geo": 1.0}),
@@ -16,16 +16,13 @@ bottleneck adapters mix by output, a prefix adapter is selected per request.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..data import Example, render_prompt
-from ..generate import generate_ids
 from .arrow import Arrow
-from .experts import ExpertSet, RoutingError
-from .family import FamilyPlan, split_route
-from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
+from .experts import RoutingError
+from .layer import MODES, install, installed
 
 
 @dataclass
@@ -35,6 +32,7 @@ class Request:
     mode: str = "mixture"  # "mixture": sum_e w_e B_e A_e x; "average": (sum w B)(sum w A) x
     max_new_tokens: int = 64
     prompt_ids: list[int] | None = None  # the prompt as token ids, used as given (no template)
+    params: object = None  # a SamplingParams (its max_tokens wins); None: greedy, max_new_tokens
 
 
 @dataclass
@@ -47,23 +45,25 @@ class RoutedAnswer:
     prompt_tokens: int = 0  # tokens of the rendered prompt
 
 
-def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request], batch_size: int = 16,
+def generate_routed(base, expert_set, requests: list[Request], batch_size: int = 16,
                     explain: bool = False, others: dict | None = None,
                     on_token: Callable[[int, int], None] | None = None,
-                    should_stop: Callable[[int], bool] | None = None) -> list[RoutedAnswer]:
-    """Greedy answers, in order, `batch_size` requests per batched generation.
+                    should_stop: Callable[[int], bool] | None = None, engine=None) -> list[RoutedAnswer]:
+    """Greedy answers, in order, at most `batch_size` requests running at once (the engine's
+    continuous batch: a finished row makes room for the next request at once).
 
-    Hooks (optional, for streaming servers): `on_token(i, token_id)` is called as request i's
-    tokens are chosen, and `should_stop(i)` before every decode step; True stops request i there
-    (finish_reason "stopped", its text so far kept) and its row costs nothing more.
-
-    `others` maps names of series, parallel and prefix adapters to their experts (`load_family`);
-    `expert_set` (the LoRA experts) may be None when no request routes LoRA.
+    `expert_set`: the LoRA experts the routes choose among (an ExpertSet, the engine's slots, a
+    list of experts, or None when no request routes LoRA); `others` maps names of series,
+    parallel and prefix adapters to their experts (`load_family`). Hooks (optional, for
+    streaming): `on_token(i, token_id)` as request i's tokens are chosen, `should_stop(i)` before
+    every decode step; True stops request i there (finish_reason "stopped", its text so far kept).
     Every request is checked before any work (unknown experts, bad weights, bad Arrow settings,
-    unknown modes, experts of different families in one request -> RoutingError). Routing is
-    installed on `base.model` for the call unless this expert set already is; the model is left
-    as it was found.
+    unknown modes, experts of different families in one request -> RoutingError). `engine`: the
+    engine to run on (a Router keeps one); by default a new one, taken off the model afterwards.
     """
+    from .engine import Engine
+    from .requests import EngineRequest, SamplingParams
+
     if batch_size < 1:
         raise RoutingError(f"batch_size must be at least 1, got {batch_size}")
     for i, r in enumerate(requests):
@@ -73,71 +73,49 @@ def generate_routed(base, expert_set: ExpertSet | None, requests: list[Request],
             raise RoutingError(f"request {i}: unknown mode {r.mode!r}; use 'mixture' or 'average'")
         if isinstance(r.max_new_tokens, bool) or not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 0:
             raise RoutingError(f"request {i}: max_new_tokens must be an integer >= 0, got {r.max_new_tokens!r}")
-    model, tok = base.model, base.tokenizer
-    others = others or {}
-    split = []  # per request: (route for the LoRA layer, route of another family)
-    for i, r in enumerate(requests):
-        try:
-            split.append(split_route(r.route, r.mode, expert_set, others))
-        except RoutingError as e:
-            raise RoutingError(f"request {i}: {e}") from None
-    chunks, plans = [], []
-    for s in range(0, len(requests), batch_size):
-        chunk, routes = requests[s:s + batch_size], split[s:s + batch_size]
-        lora = (None if expert_set is None else
-                RoutingPlan(expert_set, [lr for lr, _ in routes], [r.mode for r in chunk], explain=explain))
-        chunks.append(chunk)
-        plans.append((lora, FamilyPlan(model, [fr for _, fr in routes], others)))
+    eng = engine if engine is not None else Engine(base)
+    found = installed(base.model)  # a temporary engine leaves the model as it found it
+    experts = [] if expert_set is None else [e for e in getattr(expert_set, "experts", expert_set) if e is not None]
+    eng.use_experts(experts, exclusive=True)
+    eng.use_family(others or {})
+    stopped: set[int] = set()
 
-    current = installed(model)
-    if current is not None and expert_set is not None and current is not expert_set:
-        raise RoutingError("another expert set is installed on this model; uninstall it first")
-    if current is None and expert_set is not None:
-        install(model, expert_set)
-    try:
-        answers: list[RoutedAnswer] = []
-        for start, chunk, (plan, family) in zip(range(0, len(requests), batch_size), chunks, plans):
-            prompts = [list(r.prompt_ids) if r.prompt_ids is not None else
-                       tok(render_prompt(tok, Example("", r.prompt, "")), add_special_tokens=False)["input_ids"]
-                       for r in chunk]
-            longest = max(r.max_new_tokens for r in chunk)
-            if plan is not None:
-                plan.content_spans = content_spans(tok, prompts)
-            stopped: set[int] = set()
-
-            def stop(i, start=start, stopped=stopped):
-                if should_stop is not None and should_stop(start + i):
+    def hooks(i: int) -> dict:
+        out = {}
+        if on_token is not None:
+            out["on_token"] = lambda ev, i=i: on_token(i, ev.token) if ev.token >= 0 else None
+        if should_stop is not None:
+            def stop(i=i):
+                if should_stop(i):
                     stopped.add(i)
-                    return True
-                return False
+                    return "stopped"
+                return None
+            out["should_stop"] = stop
+        return out
 
-            emit = None if on_token is None else (lambda i, t, start=start: on_token(start + i, t))
-
-            def narrow(rows, plan=plan, family=family):
-                if plan is not None:
-                    plan.select(rows)
-                family.select(rows)
-
-            with routing(model, plan) if plan is not None else contextlib.nullcontext(), family.applied(model):
-                outs = generate_ids(model, prompts, tok.eos_token_id, tok.pad_token_id, longest, on_token=emit,
-                                    stop=stop if should_stop is not None else None,
-                                    row_limits=[r.max_new_tokens for r in chunk], on_select=narrow)
-            for i, (r, ids) in enumerate(zip(chunk, outs)):
-                if family.routes[i] is not None:
-                    experts, per_layer = family.report(i, explain)
-                elif plan is not None:
-                    experts, per_layer = plan.report(i)
-                else:
-                    experts, per_layer = {}, None
-                ids = ids[:r.max_new_tokens]
-                text = tok.decode(ids, skip_special_tokens=True).strip()
-                finish = "stopped" if i in stopped else "length" if len(ids) >= r.max_new_tokens else "stop"
-                answers.append(RoutedAnswer(text=text, experts=experts, per_layer=per_layer, token_ids=list(ids),
-                                            finish_reason=finish, prompt_tokens=len(prompts[i])))
-        return answers
+    reqs = []
+    for i, r in enumerate(requests):
+        ids, span = (list(r.prompt_ids), None) if r.prompt_ids is not None else eng.encode_prompt(r.prompt)
+        params = r.params if r.params is not None else SamplingParams(max_tokens=r.max_new_tokens)
+        reqs.append(EngineRequest(ids, r.route, mode=r.mode, params=params,
+                                  content_span=span, explain=explain, **hooks(i)))
+    try:
+        answers = eng.run(reqs, max_batch=batch_size)
     finally:
-        if current is None and expert_set is not None:
-            uninstall(model)
+        if engine is None:
+            eng.release()
+            if found is not None and installed(base.model) is None:
+                install(base.model, found)
+    out = []
+    for a in answers:
+        s = a.samples[0]
+        ids = list(s.token_ids)
+        if s.finish_reason == "stop" and s.stop is None and ids:  # ended by eos: not part of the answer
+            ids = ids[:-1]
+        out.append(RoutedAnswer(text=s.text.strip(), experts=a.experts, per_layer=a.per_layer,
+                                token_ids=ids, finish_reason=s.finish_reason,
+                                prompt_tokens=a.prompt_tokens))
+    return out
 
 
 def content_spans(tok, prompts: list[list[int]]) -> list[tuple[int, int]]:

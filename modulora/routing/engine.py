@@ -28,6 +28,7 @@ a row's answer.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ from ..forward import PREFIX_ATTR, forward
 from ..generate import last_position, left_pad
 from .arrow import Arrow
 from .experts import RoutingError
+from .family import FamilyPlan, PrefixExpert, _row_prefix, split_route
 from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
 from .requests import Answer, EngineRequest, Sample, TokenEvent, TokenLogprob
 from .resident import ResidentExperts
@@ -52,15 +54,36 @@ class _Pending:
 
     req: EngineRequest
     samples: list[Sample | None]
+    lora: object = None          # the route the multi-expert layer gets (LoRA weights, Arrow, None)
+    family: dict | None = None   # a series / parallel mixture, applied by hooks
+    prefix: PrefixExpert | None = None  # a prefix adapter: its keys and values lead the row's cache
     prompt_logprobs: list[TokenLogprob | None] | None = None
     arrow_sums: dict[str, float] = field(default_factory=dict)
+    module_sums: dict[str, dict[str, float]] = field(default_factory=dict)  # explain: per module
     arrow_tokens: float = 0.0
-    modules: int = 1
+    modules: list[str] = field(default_factory=list)
+    req_family_experts: dict = field(default_factory=dict)  # the family experts of `family`, by name
     left: int = 0  # samples still running
 
     def answer(self) -> Answer:
         return Answer(samples=list(self.samples), prompt_tokens=len(self.req.prompt_ids),
-                      experts=self.experts(), prompt_logprobs=self.prompt_logprobs)
+                      experts=self.experts(), per_layer=self.per_layer(), prompt_logprobs=self.prompt_logprobs)
+
+    def per_layer(self) -> dict[str, dict[str, float]] | None:
+        """module -> expert -> mean weight, when the request asked to explain."""
+        if not self.req.explain:
+            return None
+        route = self.req.route
+        if route is None:
+            return {m: {} for m in self.modules}
+        if isinstance(route, dict):
+            sites = self.modules if self.family is None else sorted(
+                {s for n in self.family for s in getattr(self.req_family_experts.get(n), "down", ())})
+            return {m: self.experts() for m in sites}
+        n = self.arrow_tokens
+        return {m: dict(sorted(((e, v / n) for e, v in self.module_sums.get(m, {}).items() if v > 0 and n > 0),
+                               key=lambda kv: -kv[1])) for m in self.modules}
+
 
     def experts(self) -> dict[str, float]:
         route = self.req.route
@@ -69,7 +92,7 @@ class _Pending:
         if isinstance(route, dict):
             total = sum(route.values())
             return dict(sorted(((n, w / total) for n, w in route.items()), key=lambda kv: -kv[1]))
-        n = self.arrow_tokens * self.modules
+        n = self.arrow_tokens * max(1, len(self.modules))
         pairs = [(k, v / n) for k, v in self.arrow_sums.items() if v > 0] if n > 0 else []
         return dict(sorted(pairs, key=lambda kv: -kv[1]))
 
@@ -104,7 +127,10 @@ class Engine:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None      # [rows, T]: 1 where a cached token is real
         self.pending: torch.Tensor | None = None   # [rows]: each row's last token, fed at the next step
+        self.offset: torch.Tensor | None = None    # [rows]: cache columns of a row's prefix adapter (no position)
+        self.family: dict = {}                     # name -> series / parallel / prefix expert (`use_family`)
         self.plan: RoutingPlan | None = None       # for the running rows; None when they change
+        self.family_plan: FamilyPlan | None = None
         self._plan_version = -1
         self._wrapped = 0  # modules of the slots wrapped on the model
         marker = "\x00"
@@ -141,10 +167,24 @@ class Engine:
 
     # -- experts -------------------------------------------------------------------------------
 
-    def use_experts(self, experts: list) -> None:
-        """Load these LoRA experts into the slots (replacing same-named ones)."""
+    def use_experts(self, experts: list, exclusive: bool = False) -> None:
+        """Load these LoRA experts into the slots (an expert object already there is kept, a
+        same-named other one replaced). `exclusive`: evict every other expert too, so routes that
+        choose among all loaded experts (Arrow) choose among exactly these."""
+        if exclusive:
+            if self.rows:
+                raise RoutingError("the engine is serving other requests; cannot replace its experts")
+            keep = {e.name for e in experts}
+            for name in self.experts.slots.loaded():
+                if name not in keep:
+                    self.experts._evict(name, counted=False)
         self.experts.put(experts)
         self._sync_layers()
+
+    def use_family(self, experts: dict) -> None:
+        """Make series, parallel and prefix adapters (name -> expert, `family.load_family`)
+        routable, beside those already known (same names are replaced)."""
+        self.family.update(experts)
 
     def ensure_experts(self, names: set[str]) -> None:
         """Make the named library experts resident, beside the ones the running rows use."""
@@ -155,7 +195,7 @@ class Engine:
         """The experts the running rows use (Arrow rows: every loaded expert)."""
         names: set[str] = set()
         for r in self.rows:
-            route = r.pending.req.route
+            route = r.pending.lora
             if isinstance(route, Arrow):
                 names |= set(self.experts.slots.loaded())
             elif isinstance(route, dict):
@@ -188,12 +228,18 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in req.prompt_ids):
             raise RoutingError(f"prompt token ids must be integers in [0, {vocab})")
-        if req.route is not None:
-            slots = self.experts.slots
-            if isinstance(req.route, Arrow):
-                req.route.candidates(slots)
-            else:
-                slots.normalise(req.route)
+        self._split(req)
+
+    def _split(self, req: EngineRequest) -> tuple:
+        """(LoRA route, family route, prefix expert) of a request; RoutingError if it cannot run."""
+        slots = self.experts.slots
+        lora, fam = split_route(req.route, req.mode, slots if slots.loaded() else None, self.family)
+        if isinstance(lora, Arrow):
+            lora.candidates(slots)
+        prefix = None
+        if fam is not None and isinstance(self.family[next(iter(fam))], PrefixExpert):
+            prefix, fam = self.family[next(iter(fam))], None
+        return lora, fam, prefix
 
     @torch.inference_mode()
     def add(self, requests: list[EngineRequest]) -> list[tuple[EngineRequest, Answer]]:
@@ -211,8 +257,10 @@ class Engine:
         done: list[tuple[EngineRequest, Answer]] = []
         live = []
         for r in requests:
-            p = _Pending(r, [None] * r.params.n, left=r.params.n,
-                         modules=max(1, len(self.experts.slots.modules)))
+            lora, fam, prefix = self._split(r)
+            p = _Pending(r, [None] * r.params.n, lora=lora, family=fam, prefix=prefix, left=r.params.n,
+                         modules=self.experts.slots.modules,
+                         req_family_experts={n: self.family[n] for n in (fam or {})})
             reason = r.should_stop() if r.should_stop is not None else None
             if reason:
                 p.samples = [Sample(i, [], "", reason) for i in range(r.params.n)]
@@ -220,8 +268,8 @@ class Engine:
             else:
                 live.append(p)
         P = len(self.template) if self.prefix_entries > 0 else 0
-        reuse = [p for p in live if P and not p.req.params.prompt_logprobs and len(p.req.prompt_ids) > P
-                 and p.req.prompt_ids[:P] == self.template]
+        reuse = [p for p in live if P and not p.req.params.prompt_logprobs and p.prefix is None
+                 and len(p.req.prompt_ids) > P and p.req.prompt_ids[:P] == self.template]
         rest = [p for p in live if p not in reuse]
         for group, shared in ((reuse, True), (rest, False)):
             if group:
@@ -233,38 +281,43 @@ class Engine:
         seqs = [p.req.prompt_ids[P:] for p in group]
         ids, mask = left_pad(seqs, self.pad_id)
         width = ids.shape[1]
-        cache = None
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if shared:
-            entries = self._prefix_entries(group)
-            cache = DynamicCache(config=self.model.config)
-            for layer in range(len(entries[0])):
-                cache.update(torch.stack([e[layer][0] for e in entries]),
-                             torch.stack([e[layer][1] for e in entries]), layer)
-            mask = torch.cat([torch.ones(len(group), P, dtype=mask.dtype), mask], dim=1)
-        plan = self._plan_for([p.req for p in group])
+            cache, lead = self._template_cache(group), torch.ones(len(group), P, dtype=mask.dtype)
+            positions = positions + P
+        else:
+            cache, lead = self._prefix_cache(group)
+        offset = torch.zeros(len(group), dtype=torch.long) if shared or lead is None else lead.sum(1)
+        full_mask = mask if lead is None else torch.cat([lead.to(mask), mask], dim=1)
+        plan, family = self._plans_for(group)
         if plan is not None:  # an Arrow report counts the request's own text, not the template
             spans = []
-            for p, s in zip(group, seqs):
+            for p, seq in zip(group, seqs):
                 lo, hi = p.req.content_span or (P, len(p.req.prompt_ids))
                 lo, hi = max(lo - P, 0), max(hi - P, 0)
-                spans.append((width - len(s) + lo, width - len(s) + hi) if lo < hi else (width - len(s), width))
+                spans.append((width - len(seq) + lo, width - len(seq) + hi) if lo < hi else
+                             (width - len(seq), width))
             plan.content_spans = spans
         full = any(p.req.params.prompt_logprobs for p in group)
-        with self._routing(plan):
-            logits, cache = forward(self.model, ids, mask, cache,
+        with self._applied(plan, family):
+            logits, cache = forward(self.model, ids, full_mask, cache, positions=positions,
                                     logits_to_keep=0 if full else last_position(ids))
-        self._harvest(plan, [p for p in group])
+        self._harvest(plan, group)
         if full:
             self._prompt_logprobs(group, seqs, logits.float())
-        last = logits[:, -1, :].float()
-        # every sample of a request starts from its prompt's row: copy the rows n times
+        return self._start_samples(group, logits[:, -1, :].float(), cache, full_mask, offset)
+
+    def _start_samples(self, group: list[_Pending], last: torch.Tensor, cache: DynamicCache, mask: torch.Tensor,
+                       offset: torch.Tensor) -> list[tuple[EngineRequest, Answer]]:
+        """Each request's n samples take their first token from its prompt's logits; the ones
+        still running join the batch (the prompt's cache row copied per sample)."""
         expand = [i for i, p in enumerate(group) for _ in range(p.req.params.n)]
         rows = [_Row(p, s, RowSampling.new(p.req.params, s), Text(self.tok, p.req.params.stop),
                      logprobs=[] if p.req.params.logprobs is not None else None)
                 for p in group for s in range(p.req.params.n)]
-        done = [r for r in rows if r.pending.req.params.max_tokens == 0]
-        for r in done:
-            r.finish = "length"
+        for r in rows:
+            if r.pending.req.params.max_tokens == 0:
+                r.finish = "length"
         active = [i for i, r in enumerate(rows) if r.finish is None]
         keep = self._take([rows[i] for i in active], last[[expand[i] for i in active]])
         kept = [active[i] for i in keep]
@@ -274,8 +327,29 @@ class Engine:
             if idx.tolist() != list(range(len(group))):
                 cache.batch_select_indices(idx)
             nxt = torch.tensor([rows[i].tokens[-1] for i in kept])
-            self._merge([rows[i] for i in kept], cache, mask[idx], nxt)
+            self._merge([rows[i] for i in kept], cache, mask[idx], nxt, offset[idx])
         return finished
+
+    def _template_cache(self, group: list[_Pending]) -> DynamicCache:
+        """A cache holding each request's shared template prefix (computed once per route)."""
+        entries = self._prefix_entries(group)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(entries[0])):
+            cache.update(torch.stack([e[layer][0] for e in entries]), torch.stack([e[layer][1] for e in entries]),
+                         layer)
+        return cache
+
+    def _prefix_cache(self, group: list[_Pending]) -> tuple[DynamicCache | None, torch.Tensor | None]:
+        """For requests with prefix adapters: a cache whose leading columns hold each row's
+        prefix keys and values (right-aligned, the rest masked), and that mask; else (None, None)."""
+        rp = _row_prefix(self.model, [p.prefix for p in group])
+        if rp is None:
+            return None, None
+        cache = DynamicCache(config=self.model.config)
+        dtype = next(self.model.parameters()).dtype
+        for layer in range(rp.keys.shape[0]):
+            cache.update(rp.keys[layer].to(dtype), rp.values[layer].to(dtype), layer)
+        return cache, rp.row_mask
 
     def _prompt_logprobs(self, group: list[_Pending], seqs: list[list[int]], logits: torch.Tensor) -> None:
         """Each prompt token's log-probability given the tokens before it (the first has none)."""
@@ -296,14 +370,18 @@ class Engine:
         keep = []
         for i, (r, t, e) in enumerate(zip(rows, tokens, entries)):
             params = r.pending.req.params
-            if (t == self.eos_id and not params.ignore_eos) or t in params.stop_token_ids:
-                r.finish = "stop"
-                r.stop = t if t in params.stop_token_ids else None
-                continue
             r.tokens.append(t)
-            r.sampling.seen(t)
             if r.logprobs is not None:
                 r.logprobs.append(e)
+            if (t == self.eos_id and not params.ignore_eos) or t in params.stop_token_ids:
+                # the end token is an output token (its logprob too, as lm-eval's loglikelihood
+                # reads it), but adds no text
+                r.finish = "stop"
+                r.stop = t if t in params.stop_token_ids else None
+                if r.pending.req.on_token is not None:
+                    r.pending.req.on_token(TokenEvent(r.index, t, "", e))
+                continue
+            r.sampling.seen(t)
             piece = r.text.add(t)
             if r.text.stopped_by is not None:
                 r.finish, r.stop = "stop", r.text.stopped_by
@@ -329,11 +407,12 @@ class Engine:
                 done.append((p.req, p.answer()))
         return done
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, pending: torch.Tensor) -> None:
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, pending: torch.Tensor,
+               offset: torch.Tensor) -> None:
         self._harvest(self.plan, self._row_pendings())
-        self.plan = None
+        self.plan = self.family_plan = None
         if self.cache is None:
-            self.rows, self.cache, self.mask, self.pending = list(rows), cache, mask, pending
+            self.rows, self.cache, self.mask, self.pending, self.offset = list(rows), cache, mask, pending, offset
             return
         width = max(self.mask.shape[1], mask.shape[1])
 
@@ -348,13 +427,18 @@ class Engine:
         self.cache = merged
         self.mask = torch.cat([widen(self.mask, 1), widen(mask, 1)])
         self.pending = torch.cat([self.pending, pending])
+        self.offset = torch.cat([self.offset, offset])
         self.rows = self.rows + list(rows)
 
     # -- the shared template prefix, per route ---------------------------------------------------
 
-    def _route_key(self, req: EngineRequest) -> tuple:
+    def _route_key(self, p: _Pending) -> tuple:
+        req = p.req
         if req.route is None:
             return ("base",)
+        if p.family is not None:
+            return ("family", tuple(sorted((n, p.req_family_experts[n].object_id or f"mem-{id(p.req_family_experts[n])}",
+                                            round(w, 12)) for n, w in p.family.items())))
         slots = self.experts.slots
 
         def oid(name):
@@ -370,23 +454,23 @@ class Engine:
     def _prefix_entries(self, group: list[_Pending]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per request, the template prefix's (keys, values) per layer under its route; missing
         routes are computed together in one forward (every row the same length: no padding)."""
-        keys = [self._route_key(p.req) for p in group]
-        todo: dict[tuple, EngineRequest] = {}
+        keys = [self._route_key(p) for p in group]
+        todo: dict[tuple, _Pending] = {}
         for k, p in zip(keys, group):
             if k in self._prefixes:
                 self._prefixes.move_to_end(k)
                 self.prefix_hits += 1
             elif k not in todo:
-                todo[k] = p.req
+                todo[k] = p
                 self.prefix_misses += 1
             else:
                 self.prefix_hits += 1
         if todo:
-            reqs = list(todo.values())
+            pend = list(todo.values())
             P = len(self.template)
-            ids = torch.tensor([self.template] * len(reqs))
-            with self._routing(self._plan_for(reqs)):
-                _, cache = forward(self.model, ids, torch.ones(len(reqs), P, dtype=torch.long),
+            ids = torch.tensor([self.template] * len(pend))
+            with self._applied(*self._plans_for(pend)):
+                _, cache = forward(self.model, ids, torch.ones(len(pend), P, dtype=torch.long),
                                    logits_to_keep=last_position(ids))
             for r, k in enumerate(todo):
                 self._prefixes[k] = [(layer.keys[r].clone(), layer.values[r].clone()) for layer in cache.layers]
@@ -415,13 +499,14 @@ class Engine:
         if not self.rows:
             return done
         self._sync_layers()
-        if self.plan is None or self._plan_version != self.experts.slots.version:
+        if self.plan is None and self.family_plan is None or self._plan_version != self.experts.slots.version:
             self._harvest(self.plan, self._row_pendings())
-            self.plan = self._plan_for([r.pending.req for r in self.rows])
+            self.plan, self.family_plan = self._plans_for(self._row_pendings())
             self._plan_version = self.experts.slots.version
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        with self._routing(self.plan):
-            logits, self.cache = forward(self.model, self.pending.unsqueeze(1), mask, self.cache)
+        positions = (mask.sum(1, keepdim=True) - 1 - self.offset.unsqueeze(1)).clamp(min=0)
+        with self._applied(self.plan, self.family_plan):
+            logits, self.cache = forward(self.model, self.pending.unsqueeze(1), mask, self.cache, positions=positions)
         self.mask = mask
         keep = self._take(self.rows, logits[:, -1, :].float())
         done += self._finish([r for r in self.rows if r.finish is not None])
@@ -433,14 +518,14 @@ class Engine:
     def _drop(self, keep: list[int]) -> None:
         """Keep only rows `keep`; cut the leading cache columns no remaining row uses."""
         self._harvest(self.plan, self._row_pendings())
-        self.plan = None
+        self.plan = self.family_plan = None
         if not keep:
-            self.rows, self.cache, self.mask, self.pending = [], None, None, None
+            self.rows, self.cache, self.mask, self.pending, self.offset = [], None, None, None, None
             return
         idx = torch.tensor(keep)
         self.rows = [self.rows[i] for i in keep]
         self.cache.batch_select_indices(idx)
-        self.mask, self.pending = self.mask[idx], self.pending[idx]
+        self.mask, self.pending, self.offset = self.mask[idx], self.pending[idx], self.offset[idx]
         used = self.mask.any(0)
         cut = int(used.to(torch.int8).argmax()) if bool(used.any()) else 0
         if cut:
@@ -453,7 +538,8 @@ class Engine:
         for r in self.rows:
             r.finish = r.finish or reason
         done = self._finish(self.rows)
-        self.rows, self.cache, self.mask, self.pending, self.plan = [], None, None, None, None
+        self.rows, self.cache, self.mask, self.pending, self.offset = [], None, None, None, None
+        self.plan = self.family_plan = None
         return done
 
     def run(self, requests: list[EngineRequest], max_batch: int = 16) -> list[Answer]:
@@ -487,13 +573,23 @@ class Engine:
     def _row_pendings(self) -> list[_Pending]:
         return [r.pending for r in self.rows]
 
-    def _plan_for(self, reqs: list[EngineRequest]) -> RoutingPlan | None:
-        if all(r.route is None for r in reqs):
-            return None
-        return RoutingPlan(self.experts.slots, [r.route for r in reqs], [r.mode for r in reqs])
+    def _plans_for(self, pendings: list[_Pending]) -> tuple[RoutingPlan | None, FamilyPlan | None]:
+        """The LoRA routing plan and the bottleneck hooks' plan of these rows (None: not needed)."""
+        plan = None
+        if any(p.lora is not None for p in pendings):
+            plan = RoutingPlan(self.experts.slots, [p.lora for p in pendings], [p.req.mode for p in pendings])
+        family = None
+        if any(p.family is not None for p in pendings):
+            family = FamilyPlan(self.model, [p.family for p in pendings], self.family)
+        return plan, family
 
-    def _routing(self, plan: RoutingPlan | None):
-        return routing(self.model, plan) if plan is not None else contextlib.nullcontext()
+    def _applied(self, plan: RoutingPlan | None, family: FamilyPlan | None):
+        stack = contextlib.ExitStack()
+        if plan is not None:
+            stack.enter_context(routing(self.model, plan))
+        if family is not None:
+            stack.enter_context(family.applied(self.model))
+        return stack
 
     @staticmethod
     def _harvest(plan: RoutingPlan | None, pendings: list[_Pending]) -> None:
@@ -504,13 +600,18 @@ class Engine:
         total = sum(sums.values()) if sums else None  # [rows, E]: summed over modules
         names = plan.expert_set.names
         for i, p in enumerate(pendings):
-            if not isinstance(p.req.route, Arrow):
+            if not isinstance(p.lora, Arrow):
                 continue
             p.arrow_tokens += float(plan.tokens_seen[i])
             if total is not None:
                 row = total[i]
                 for e in row.nonzero().flatten().tolist():
                     p.arrow_sums[names[e]] = p.arrow_sums.get(names[e], 0.0) + float(row[e])
+            if p.req.explain:
+                for m, t in sums.items():
+                    mine = p.module_sums.setdefault(m, {})
+                    for e in t[i].nonzero().flatten().tolist():
+                        mine[names[e]] = mine.get(names[e], 0.0) + float(t[i, e])
         plan.weight_sums = {}
         plan.tokens_seen.zero_()
 

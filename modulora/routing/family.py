@@ -150,7 +150,7 @@ def split_route(route, mode: str, expert_set: ExpertSet | None, others: dict) ->
             return LORA
         if name in others:
             return others[name].family
-        have = (list(expert_set.names) if expert_set is not None else []) + sorted(others)
+        have = ([n for n in expert_set.names if n] if expert_set is not None else []) + sorted(others)
         shown = ", ".join(have[:20]) + (", ..." if len(have) > 20 else "")
         raise RoutingError(f"unknown expert {name!r} (have: {shown})")
 

@@ -128,7 +128,9 @@ class TokenEvent:
 class EngineRequest:
     """One prompt (token ids), its route, and how to sample. `content_span` [lo, hi) marks the
     request's own tokens within `prompt_ids` (without a chat template around them), which an
-    Arrow report averages over; None: all of them.
+    Arrow report averages over; None: all of them. Routes may name LoRA experts (loaded in the
+    engine's slots), Arrow, or series / parallel / prefix adapters the engine knows
+    (`Engine.use_family`); one request's experts are of one family (see `family.split_route`).
 
     Hooks, called in the engine's thread: `on_token(event)` as each sample gets a token;
     `should_stop()` before every step: a reason string ("client_disconnect", "timeout") ends
@@ -139,13 +141,15 @@ class EngineRequest:
     mode: str = "mixture"
     params: SamplingParams = field(default_factory=SamplingParams)
     content_span: tuple[int, int] | None = None
+    explain: bool = False  # the answer's per_layer: mean weight per expert of every module
     on_token: Callable[[TokenEvent], None] | None = None
     should_stop: Callable[[], str | None] | None = None
 
 
 @dataclass
 class Sample:
-    """One of a request's n answers."""
+    """One of a request's n answers. `token_ids` are every token it generated, the end token
+    (eos or a stop token) included, as vLLM counts them; `text` is theirs without it."""
 
     index: int
     token_ids: list[int]

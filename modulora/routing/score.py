@@ -6,24 +6,15 @@ the request's route, and all rows of a batch go through one forward pass (no gen
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
-from ..data import Example, render_prompt
-from ..forward import forward
-from ..generate import left_pad
-from .arrow import Arrow
 from .experts import RoutingError
-from .family import FamilyPlan, split_route
-from .layer import RoutingPlan, install, installed, routing, uninstall
+from .requests import EngineRequest, SamplingParams
 
 
-@torch.inference_mode()
 def continuation_logprobs(router, prompts: list[str], continuations: list[list[str]], routes: list[str],
                           top_k: int = 1, mode: str = "mixture", batch_size: int = 16,
                           exclude: list[list[str]] | None = None) -> list[list[float]]:
-    """Per request, the summed log-probability of each continuation after the chat-rendered prompt.
+    """Per request, the summed log-probability of each continuation after the chat-rendered prompt:
+    the engine's prompt log-probabilities (the numbers the server's `echo` + `logprobs` gives).
 
     `router` is a `modulora.routing.api.Router`; routes are given as text, as for `Router.answer`.
     """
@@ -32,49 +23,27 @@ def continuation_logprobs(router, prompts: list[str], continuations: list[list[s
     if any(not c for c in continuations):
         raise RoutingError("every request needs at least one continuation to score")
     resolved = router.resolve(prompts, routes, top_k, exclude)
-    base = router.base
-    model, tok = base.model, base.tokenizer
-    types = router.adapter_types()
-    named = {n for r in resolved if isinstance(r, dict) for n in r}
-    others = router.family_experts(sorted(n for n in named if types.get(n) != "lora"))
-    uses_lora = any(isinstance(r, Arrow) for r in resolved) or any(types.get(n) == "lora" for n in named)
-    expert_set = router.experts() if uses_lora else None
-    split = [split_route(r, mode, expert_set, others) for r in resolved]
-
-    rows = []  # (request, prompt ids, continuation ids)
+    others, uses_lora = router.family_for(resolved)
+    eng = router.engine()
+    eng.use_experts(router.experts() if uses_lora else [], exclusive=True)
+    eng.use_family(others)
+    tok = router.base.tokenizer
+    reqs, owners, lengths = [], [], []
+    params = SamplingParams(max_tokens=0, prompt_logprobs=True)
     for i, (p, conts) in enumerate(zip(prompts, continuations)):
-        ids = tok(render_prompt(tok, Example("", p, "")), add_special_tokens=False)["input_ids"]
+        ids, _ = eng.encode_prompt(p)
         for c in conts:
             cont = tok(c, add_special_tokens=False)["input_ids"]
             if not cont:
                 raise RoutingError(f"request {i}: continuation {c!r} has no tokens")
-            rows.append((i, ids, cont))
-
-    current = installed(model)
-    if current is not None and expert_set is not None and current is not expert_set:
-        raise RoutingError("another expert set is installed on this model; uninstall it first")
-    if current is None and expert_set is not None:
-        install(model, expert_set)
-    scores: list[float] = []
+            reqs.append(EngineRequest(ids + cont, resolved[i], mode=mode, params=params))
+            owners.append(i)
+            lengths.append(len(cont))
     try:
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            routes_ = [split[i] for i, _, _ in chunk]
-            plan = None if expert_set is None else RoutingPlan(expert_set, [lr for lr, _ in routes_], mode)
-            family = FamilyPlan(model, [fr for _, fr in routes_], others)
-            ids, mask = left_pad([p + c for _, p, c in chunk], tok.pad_token_id)
-            with routing(model, plan) if plan is not None else contextlib.nullcontext(), family.applied(model):
-                logits, _ = forward(model, ids, mask)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            width = ids.shape[1]
-            for row, (_, _, cont) in enumerate(chunk):
-                n = len(cont)
-                pos = torch.arange(width - n - 1, width - 1)
-                scores.append(float(logp[row, pos, torch.tensor(cont)].sum()))
+        answers = eng.run(reqs, max_batch=batch_size)
     finally:
-        if current is None and expert_set is not None:
-            uninstall(model)
+        eng.release()
     out: list[list[float]] = [[] for _ in prompts]
-    for (i, _, _), v in zip(rows, scores):
-        out[i].append(v)
+    for i, n, a in zip(owners, lengths, answers):
+        out[i].append(float(sum(e.logprob for e in a.prompt_logprobs[-n:])))
     return out

@@ -55,8 +55,8 @@ takes what waits (when nothing runs it first waits `batch_wait_ms` for more to c
 resolves the routes, makes sure the LoRA experts they need are resident, prefills them in one
 pass and merges them into the running batch; every row leaves the batch the step it ends, so a
 short answer never waits for a long one. Rows keep their own route, top_k, mode and max_tokens.
-Routes naming series, parallel or prefix adapters are answered by `generate_routed` in a batch of
-their own between two steps. An item whose route cannot be resolved fails alone (400).
+Routes naming series, parallel or prefix adapters join the same running batch. An item whose
+route cannot be resolved fails alone (400).
 
 Resident experts (`--max-resident-experts N`, `modulora.routing.resident`): at most N LoRA
 experts in memory, least recently used evicted; a request whose experts do not fit beside the

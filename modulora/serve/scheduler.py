@@ -3,9 +3,8 @@
 One worker thread; each prompt is one `_Item` in a bounded queue (full -> 429). Between two
 decode steps the worker takes what waits, resolves the routes, makes sure the LoRA experts they
 need are resident, prefills them in one pass and merges them into the running batch
-(`modulora.routing.engine`); every sample leaves the batch the step it ends. Series, parallel
-and prefix routes are answered by `generate_routed` in a batch of their own between two steps
-(greedy only, for now).
+(`modulora.routing.engine`); every sample leaves the batch the step it ends. LoRA, Arrow,
+series, parallel, prefix and base rows share the one running batch.
 """
 
 from __future__ import annotations
@@ -21,10 +20,9 @@ from typing import Any
 
 from ..routing.api import Router
 from ..routing.arrow import Arrow
-from ..routing.batch import Request, generate_routed
 from ..routing.engine import Engine
 from ..routing.experts import RoutingError
-from ..routing.requests import Answer, EngineRequest, Sample, SamplingParams, TokenEvent
+from ..routing.requests import Answer, EngineRequest, SamplingParams, TokenEvent
 from .errors import APIError
 from .metrics import Metrics
 
@@ -224,12 +222,7 @@ class Scheduler:
         fresh = self._live(fresh)
         self._resolve(fresh)
         fresh = [it for it in fresh if not it.future.done()]
-        types = self.router.adapter_types() if fresh else {}
-        family = [it for it in fresh if isinstance(it.resolved, dict)
-                  and any(types.get(n) != "lora" for n in it.resolved)]
-        if family:
-            self._answer_family(family)
-        candidates = self._live(list(self.deferred)) + [it for it in fresh if it not in family]
+        candidates = self._live(list(self.deferred)) + fresh
         self.deferred.clear()
         self._join(candidates, free)
 
@@ -265,7 +258,23 @@ class Scheduler:
         """The LoRA experts an item's rows use."""
         if isinstance(it.resolved, Arrow):
             return set(self.router.lora_names())
-        return set(it.resolved) if isinstance(it.resolved, dict) else set()
+        types = self.router.adapter_types()
+        return {n for n in it.resolved if types.get(n) == "lora"} if isinstance(it.resolved, dict) else set()
+
+    def _family(self, items: list[_Item]) -> list[_Item]:
+        """Give the engine the series, parallel and prefix adapters these items name; the items
+        whose adapters cannot be read are answered 400 and left out."""
+        types = self.router.adapter_types()
+        ok = []
+        for it in items:
+            names = sorted(n for n in (it.resolved if isinstance(it.resolved, dict) else ()) if types.get(n) != "lora")
+            try:
+                if names:
+                    self.engine.use_family(self.router.family_experts(names))
+                ok.append(it)
+            except RoutingError as e:
+                self._fail(it, APIError(400, str(e), param="model"))
+        return ok
 
     def _join(self, candidates: list[_Item], free: int) -> None:
         """Admit candidates in order while their rows and experts fit; the rest wait in `deferred`."""
@@ -305,7 +314,7 @@ class Scheduler:
                 if not admit:
                     return
         reqs = []
-        for it in admit:
+        for it in self._family(admit):
             req = EngineRequest(it.prompt_ids, it.resolved, mode=it.mode, params=it.params,
                                 content_span=it.content_span, on_token=it.on_token, should_stop=it.stop_reason)
             try:
@@ -322,55 +331,6 @@ class Scheduler:
         self.largest_batch = max(self.largest_batch, sum(r.params.n for r in reqs))
         self.metrics.batch(len(reqs), sum(len(r.prompt_ids) for r in reqs))
         self._deliver(finished)
-
-    def _answer_family(self, items: list[_Item]) -> None:
-        """Series, parallel and prefix routes: one `generate_routed` batch of their own (the
-        running rows wait for it), greedy only; a batch refused as a whole is retried item by item."""
-        for it in list(items):
-            p = it.params
-            if not p.greedy or p.n > 1 or p.logprobs is not None or p.prompt_logprobs or p.stop or p.stop_token_ids \
-                    or p.presence_penalty or p.frequency_penalty or p.ignore_eos:
-                self._fail(it, APIError(400, "series, parallel and prefix adapters are served greedily without "
-                                             "stop, n, logprobs, echo or penalties (for now); use a LoRA adapter "
-                                             "or leave those fields out", param="model"))
-                items.remove(it)
-        if not items:
-            return
-        types = self.router.adapter_types()
-        named = {n for it in items for n in it.resolved}
-        try:
-            others = self.router.family_experts(sorted(n for n in named if types.get(n) != "lora"))
-            lora = sorted(n for n in named if types.get(n) == "lora")
-            if lora:  # a route mixing families is refused by generate_routed; it needs the set to say so
-                self.engine.ensure_experts(set(lora))
-            requests = [Request("", it.resolved, mode=it.mode, max_new_tokens=it.params.max_tokens,
-                                prompt_ids=it.prompt_ids) for it in items]
-
-            def on_token(i: int, token: int) -> None:
-                if items[i].on_token is not None:
-                    items[i].on_token(TokenEvent(0, token, self.base.tokenizer.decode([token]), None))
-
-            answers = generate_routed(self.base, self.engine.experts.slots if lora else None, requests,
-                                      batch_size=len(requests), others=others, on_token=on_token,
-                                      should_stop=lambda i: items[i].stop_reason() is not None)
-        except RoutingError as e:
-            if len(items) > 1:
-                for it in items:
-                    self._answer_family([it])
-            else:
-                self._fail(items[0], APIError(400, str(e), param="model"))
-            return
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(items))
-        self.metrics.batch(len(items), sum(a.prompt_tokens for a in answers))
-        for it, a in zip(items, answers):
-            if a.finish_reason == "stopped":
-                self._stopped(it, it.stop_reason() or "abandoned", len(a.token_ids))
-            else:
-                self.metrics.finished(len(a.token_ids))
-                text = self.base.tokenizer.decode(a.token_ids, skip_special_tokens=True)
-                it.future.set_result(Answer([Sample(0, list(a.token_ids), text, a.finish_reason)], a.prompt_tokens,
-                                            a.experts))
 
     def _deliver(self, done: list[tuple[EngineRequest, Answer]]) -> None:
         for req, answer in done:
