@@ -1,6 +1,7 @@
 """One adapter format: every PEFT LoRA that `Library.add` accepts is loadable and routable (its
-fixed route equals PEFT's logits; uniform, Arrow and retrieval routes answer), and every one it
-refuses is refused with the option's name, leaving the library untouched."""
+fixed route and its retrieval route equal PEFT's logits, a uniform mixture with an adapter of
+other modules and rank equals PEFT with both adapters active at half weight, Arrow answers), and
+every one it refuses is refused with the option's name, leaving the library untouched."""
 
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modulora.adapters import load_adapter
-from modulora.adapters.format import ALL_LINEAR, exact_targets
+from modulora.adapters.format import ALL_LINEAR
 from modulora.base import load_base
 from modulora.forward import forward
 from modulora.library import Library
 from modulora.routing.arrow import Arrow
 from modulora.routing.embed import BaseEmbedder
-from modulora.routing.experts import ExpertSet, RoutingError, load_experts, load_experts_from_dirs
+from modulora.routing.experts import RoutingError, load_experts, load_experts_from_dirs
 from modulora.routing.layer import RoutingPlan, install, routing
 from modulora.routing.retrieval import RetrievalRouter
+from modulora.routing.slots import ExpertSlots
 from modulora.tiny import tiny_model
 from modulora.validate import ValidationError
 
@@ -68,13 +70,30 @@ def peft_lora(out: Path, fp: dict, seed: int, **options):
     return pm.eval()
 
 
-def fixed_route_logits(library: Library, name: str, ids, mask):
-    """Logits of a fixed route to one library adapter through the multi-expert layer."""
-    es = ExpertSet(load_experts(library, [name]))
+def route_logits(library: Library, routes: list, ids, mask, names: list[str] | None = None):
+    """Logits of per-row routes over library adapters, loaded into expert slots as the engine
+    keeps them (any modules, any ranks), through the multi-expert layer."""
+    slots = ExpertSlots()
+    for e in load_experts(library, names):
+        slots.load(e)
     model = tiny_model()[0]
-    install(model, es)
-    with torch.inference_mode(), routing(model, RoutingPlan(es, [{name: 1.0}] * len(ids))):
+    install(model, slots)
+    with torch.inference_mode(), routing(model, RoutingPlan(slots, routes)):
         return forward(model, ids, mask)[0]
+
+
+def peft_pair_logits(odd: Path, plain: Path, ids, mask):
+    """PEFT with both adapters active at once and each one's B halved: the uniform mixture."""
+    from peft import PeftModel
+
+    pm = PeftModel.from_pretrained(tiny_model()[0], odd, adapter_name="odd")
+    pm.load_adapter(plain, adapter_name="plain")
+    pm.base_model.set_adapter(["odd", "plain"])
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.5)
+    return peft_logits(pm.eval(), ids, mask)
 
 
 def peft_logits(pm, ids, mask):
@@ -133,29 +152,27 @@ def test_accepted_means_routable_refused_means_untouched(base, batch, opts, seed
         # accepted => a fixed route, and the adapter attached alone, give PEFT's logits
         expected = peft_logits(pm, ids, mask)
         valid = mask.bool()
-        torch.testing.assert_close(fixed_route_logits(lib, "odd", ids, mask)[valid], expected[valid],
+        torch.testing.assert_close(route_logits(lib, [{"odd": 1.0}] * 2, ids, mask, ["odd"])[valid], expected[valid],
                                    atol=ATOL, rtol=0)
         alone = tiny_model()[0]
         load_adapter(alone, lib.get("odd").path)
         with torch.inference_mode():
             torch.testing.assert_close(forward(alone, ids, mask)[0][valid], expected[valid], atol=ATOL, rtol=0)
 
-        # uniform / Arrow / retrieval over this adapter and a plain one.
-        # ExpertSet still needs experts that adapt the SAME modules, so the plain one adapts
-        # exactly the modules the odd one does; widen this once expert slots allow any modules.
-        modules = sorted(e for e in load_experts(lib, ["odd"])[0].A)
-        peft_lora(tmp / "plain", base.fingerprint, seed + 1, r=4, lora_alpha=8, target_modules=exact_targets(modules))
+        # uniform / Arrow / retrieval over this adapter and a plain one of every module (rank 4):
+        # they share the expert slots whatever modules and ranks they have
+        peft_lora(tmp / "plain", base.fingerprint, seed + 1, r=4, lora_alpha=8, target_modules=list(ALL_LINEAR))
         lib.add("plain", tmp / "plain", base.fingerprint)
         experts = load_experts(lib, fingerprint=base.fingerprint)
         assert [e.name for e in experts] == ["odd", "plain"]
         retrieval = RetrievalRouter(lib, BaseEmbedder(base)).route(["odd says hello", "plain says hello"], top_k=1)
         assert [list(r) for r in retrieval] == [["odd"], ["plain"]]
-        es = ExpertSet(experts)
-        model = tiny_model()[0]
-        install(model, es)
-        for routes in ([{"odd": 0.5, "plain": 0.5}] * 2, [Arrow(top_k=1)] * 2, retrieval):
-            with torch.inference_mode(), routing(model, RoutingPlan(es, routes)):
-                assert torch.isfinite(forward(model, ids, mask)[0][valid]).all()
+        got = route_logits(lib, retrieval, ids, mask)
+        torch.testing.assert_close(got[0][valid[0]], expected[0][valid[0]], atol=ATOL, rtol=0)
+        uniform = route_logits(lib, [{"odd": 0.5, "plain": 0.5}] * 2, ids, mask)
+        torch.testing.assert_close(uniform[valid], peft_pair_logits(tmp / "odd", tmp / "plain", ids, mask)[valid],
+                                   atol=ATOL, rtol=0)
+        assert torch.isfinite(route_logits(lib, [Arrow(top_k=1)] * 2, ids, mask)[valid]).all()
 
 
 @pytest.mark.parametrize("change,option", [

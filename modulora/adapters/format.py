@@ -194,11 +194,11 @@ def lora_spec(raw: dict, limits: Limits = LIMITS) -> LoraSpec:
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise FormatError(f"unsupported PEFT option init_lora_weights={init!r}: it changes the base "
                           "weights, so the adapter does not fit the plain base model")
-    r = check_int(f"LoRA rank r", raw.get("r"), limits.max_rank)
+    r = check_int("LoRA rank r", raw.get("r"), limits.max_rank)
     rslora = raw.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise FormatError(f"use_rslora must be true or false, got {rslora!r}")
-    alpha = check_alpha(f"lora_alpha", raw.get("lora_alpha", 8), r, rslora, limits)
+    alpha = check_alpha("lora_alpha", raw.get("lora_alpha", 8), r, rslora, limits)
     dropout = raw.get("lora_dropout", 0.0)
     if not is_real(dropout) or not 0 <= dropout < 1:
         raise FormatError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")

@@ -28,7 +28,6 @@ a row's answer.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
