@@ -20,7 +20,7 @@ from modulora.routing import arrow as arrow_mod
 from modulora.routing.arrow import Arrow
 from modulora.routing.batch import Request, generate_routed
 from modulora.routing.experts import (ExpertSet, RoutingError, load_experts, load_experts_from_dirs)
-from modulora.routing.layer import MultiLoraLinear, RoutingPlan, install, routing, uninstall
+from modulora.routing.layer import MultiLoraLinear, RoutingPlan, install, installed, routing, uninstall
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -460,11 +460,27 @@ def test_top_k_larger_than_the_experts(setup):
         RoutingPlan(setup["es"], [None, Arrow(top_k=3, experts=("e0", "e1"))])
 
 
-def test_experts_with_different_module_sets(setup, tmp_path):
+def test_experts_with_different_module_sets(setup, batch, tmp_path):
+    """An expert of q_proj/v_proj only shares a set with full ones: routed alone it gives the
+    adapter's own logits, and the full expert's logits do not change beside it."""
+    ids, mask = batch
     d = make_lora(fresh(), tmp_path / "qv", 11, setup["base"].fingerprint, targets=("q_proj", "v_proj"))
     qv = load_experts_from_dirs([d])[0]
-    with pytest.raises(RoutingError, match="experts e0 and qv adapt different modules"):
-        ExpertSet([setup["experts"]["e0"], qv])
+    es = ExpertSet([setup["experts"]["e0"], qv])
+    model = fresh()
+    install(model, es)
+    both = logits_of(model, ids, mask, RoutingPlan(es, [{"qv": 1.0}, {"e0": 1.0}, {"qv": 1.0}, {"e0": 1.0}]))
+    uninstall(model)
+    attached = fresh()
+    load_adapter(attached, d)
+    with torch.inference_mode():
+        alone, _ = forward(attached, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(both[0][valid[0]], alone[0][valid[0]], atol=ATOL, rtol=0)
+    install(model, ExpertSet([setup["experts"]["e0"]]))
+    e0 = logits_of(model, ids, mask, RoutingPlan(installed(model), [{"e0": 1.0}] * 4))
+    uninstall(model)
+    torch.testing.assert_close(both[1][valid[1]], e0[1][valid[1]], atol=ATOL, rtol=0)
 
 
 def test_other_bad_input(setup, tmp_path):

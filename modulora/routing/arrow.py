@@ -60,7 +60,7 @@ class Arrow:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise RoutingError(f"Arrow temperature must be a finite number > 0, got {t!r}")
         if self.experts is None:
-            cand = expert_set.occupied() if hasattr(expert_set, "occupied") else list(range(len(expert_set)))
+            cand = expert_set.occupied()
             if not cand:
                 raise RoutingError("Arrow has no experts to choose from (none is loaded)")
         else:
@@ -137,16 +137,9 @@ def expert_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
 
 
 def prototypes(expert_set: ExpertSet) -> dict[str, torch.Tensor]:
-    """module -> [E, in] prototypes of the whole set (computed once per set, per adapter once per
-    library)."""
-    if hasattr(expert_set, "prototypes"):  # expert slots keep their own, per slot
-        return expert_set.prototypes()
-    cached = expert_set._cache.get(ARROW_KIND)
-    if cached is None:
-        per_expert = [expert_prototypes(e) for e in expert_set.experts]
-        cached = {m: torch.stack([p[m] for p in per_expert]).to(expert_set.A[m]) for m in expert_set.modules}
-        expert_set._cache[ARROW_KIND] = cached
-    return cached
+    """module -> [slots, in] prototypes of an expert set (each adapter's computed once per
+    library, and once per slot it is loaded into)."""
+    return expert_set.prototypes()
 
 
 # ---------------------------------------------------------------------------------------------

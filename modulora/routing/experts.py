@@ -1,12 +1,12 @@
 """The experts a router chooses among: LoRA adapters read from a library (or from directories),
-checked against the base, and stacked per module so that one layer can serve all of them.
+checked against the base, ready to be copied into the multi-expert layer's slots (slots.py).
 
     experts = load_experts(library, fingerprint=base.fingerprint)   # all LoRAs, sorted by name
-    expert_set = ExpertSet(experts)          # A[module]: [E, R, in], B[module]: [E, out, R]
+    expert_set = ExpertSet(experts)          # slots: A[module] [E, R, in], Bt[module] [E, R, out]
 
 Each module's scaling (alpha / r, per module with alpha_pattern / rank_pattern, alpha / sqrt(r)
 with rsLoRA) is folded into its B when the expert is read, so nothing downstream needs per-expert
-scalars; the set pads every module's rank to the largest rank R with zeros (which changes no B·A).
+scalars; the slots pad every module's rank to the largest rank R with zeros (which changes no B·A).
 """
 
 from __future__ import annotations
@@ -197,75 +197,4 @@ def load_experts_from_dirs(paths, names: list[str] | None = None,
     return experts
 
 
-class ExpertSet:
-    """Experts stacked per module: `A[module]` [E, R, in] and `B[module]` [E, out, R] (a view of
-    the contiguous `Bt[module]` [E, R, out]), ranks zero-padded to R, scaling folded into B.
-
-    Every expert must adapt the same modules with the same shapes (else RoutingError naming both).
-    """
-
-    def __init__(self, experts: list[LoraExpert], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
-        experts = list(experts)
-        if not experts:
-            raise RoutingError("an expert set needs at least one expert (the library holds no LoRA adapters?)")
-        names = [e.name for e in experts]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise RoutingError(f"expert {dupes[0]} appears more than once in the expert set")
-        first = experts[0]
-        for e in experts[1:]:
-            if set(e.A) != set(first.A):
-                only_first = sorted(set(first.A) - set(e.A))
-                only_e = sorted(set(e.A) - set(first.A))
-                detail = (f"{first.name} adapts {only_first[0]}, which {e.name} does not" if only_first
-                          else f"{e.name} adapts {only_e[0]}, which {first.name} does not")
-                raise RoutingError(f"experts {first.name} and {e.name} adapt different modules ({detail}); "
-                                   "routing needs experts with the same target modules")
-            for m in first.A:
-                if e.A[m].shape[1] != first.A[m].shape[1] or e.B[m].shape[0] != first.B[m].shape[0]:
-                    raise RoutingError(
-                        f"experts {first.name} and {e.name} disagree on the shape of {m}: "
-                        f"[{first.B[m].shape[0]}, {first.A[m].shape[1]}] vs [{e.B[m].shape[0]}, {e.A[m].shape[1]}]")
-        self.experts = experts
-        self.names = names
-        self._index = {n: i for i, n in enumerate(names)}
-        self.ranks = [e.r for e in experts]
-        self.rank = R = max(self.ranks)
-        self.modules = sorted(first.A)
-        self.dtype = dtype
-        self.device = torch.device(device) if device is not None else first.A[self.modules[0]].device
-        self.A: dict[str, torch.Tensor] = {}
-        self.Bt: dict[str, torch.Tensor] = {}
-        E = len(experts)
-        for m in self.modules:
-            d_in, d_out = first.A[m].shape[1], first.B[m].shape[0]
-            A = torch.zeros(E, R, d_in, dtype=dtype, device=self.device)
-            Bt = torch.zeros(E, R, d_out, dtype=dtype, device=self.device)
-            for i, e in enumerate(experts):
-                A[i, :e.A[m].shape[0]] = e.A[m].to(A)
-                Bt[i, :e.B[m].shape[1]] = e.B[m].T.to(Bt)
-            self.A[m], self.Bt[m] = A, Bt
-        self.B = {m: bt.transpose(1, 2) for m, bt in self.Bt.items()}
-        self._cache: dict = {}  # derived per-set data (Arrow prototypes)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __repr__(self) -> str:
-        return f"ExpertSet({len(self)} experts, rank {self.rank}, {len(self.modules)} modules)"
-
-    def index(self, name: str) -> int:
-        try:
-            return self._index[name]
-        except KeyError:
-            shown = ", ".join(self.names[:20]) + (", ..." if len(self.names) > 20 else "")
-            raise RoutingError(f"unknown expert {name!r} (have: {shown})") from None
-
-    def shape(self, module: str) -> tuple[int, int]:
-        """[out, in] of a module."""
-        return self.Bt[module].shape[2], self.A[module].shape[2]
-
-    def normalise(self, route: dict[str, float]) -> dict[str, float]:
-        """A sequence-level route checked (known names, finite weights > 0) and scaled to sum 1."""
-        return normalise_route(route, self.index)
+from .slots import ExpertSet  # noqa: E402,F401  (re-exported: a fixed set of experts in slots; slots.py imports this module)

@@ -179,4 +179,24 @@ class ExpertSlots:
         return self._protos
 
 
-__all__ = ["ExpertSlots"]
+class ExpertSet(ExpertSlots):
+    """A given list of experts in exactly as many slots, in that order (a one-off batch, tests,
+    benchmarks). RoutingError for an empty list or a name given twice."""
+
+    def __init__(self, experts: list[LoraExpert], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        experts = list(experts)
+        if not experts:
+            raise RoutingError("an expert set needs at least one expert (the library holds no LoRA adapters?)")
+        names = [e.name for e in experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise RoutingError(f"expert {dupes[0]} appears more than once in the expert set")
+        if device is None:
+            device = next(iter(experts[0].A.values())).device
+        super().__init__(len(experts), dtype=dtype, device=device, rank=max(e.r for e in experts))
+        for e in experts:
+            self.load(e)
+
+
+__all__ = ["ExpertSlots", "ExpertSet"]
