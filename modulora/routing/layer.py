@@ -54,7 +54,6 @@ from . import arrow as arrow_mod
 from .arrow import Arrow
 from .experts import ExpertSet, RoutingError
 
-ROUTER_ATTR = "modulora_routing"
 MODES = ("mixture", "average")
 # the dense mixture (all used experts as one LoRA of rank U*R) is used up to this many columns:
 # for a prompt its extra work grows with U*R for every token, so it stays small; for a decode step
@@ -122,10 +121,20 @@ class _Router:
         return None
 
 
+def _router_of(model: nn.Module) -> "_Router | None":
+    """The router of the multi-expert layers installed on `model` (found through the layers
+    themselves: nothing is kept on the model), or None."""
+    for mod in model.modules():
+        if isinstance(mod, MultiLoraLinear):
+            return mod.router
+    return None
+
+
 def install(model: nn.Module, expert_set: ExpertSet) -> None:
-    """Wrap every module the experts adapt with a MultiLoraLinear, in place. Without a plan (see
-    `routing`) the model computes exactly the base model."""
-    router = model.__dict__.get(ROUTER_ATTR)
+    """Wrap every module the experts adapt with a MultiLoraLinear, in place (again with the same
+    set: only modules new to it). Without a plan (see `routing`) the model computes exactly the
+    base model."""
+    router = _router_of(model)
     if router is not None and router.expert_set is not expert_set:
         raise RoutingError("routing is already installed on this model; call uninstall(model) first")
     if router is None and (attached_config(model) is not None or wrappers(model)):
@@ -149,17 +158,18 @@ def install(model: nn.Module, expert_set: ExpertSet) -> None:
             raise RoutingError(f"the expert set is on {expert_set.device} but the model on {mod.weight.device}; "
                                "build the ExpertSet with device=...")
         targets.append((name, mod))
+    if not targets:
+        return
     if router is None:
         router = _Router(expert_set)
         router.hook = model.register_forward_pre_hook(router.pre_forward, with_kwargs=True)
-        model.__dict__[ROUTER_ATTR] = router
     for name, mod in targets:
         replace(model, name, MultiLoraLinear(mod, name, router))
 
 
 def uninstall(model: nn.Module) -> None:
     """Put the original Linears back (the very same modules)."""
-    router = model.__dict__.pop(ROUTER_ATTR, None)
+    router = _router_of(model)
     if router is None:
         return
     router.hook.remove()
@@ -170,14 +180,14 @@ def uninstall(model: nn.Module) -> None:
 
 def installed(model: nn.Module) -> ExpertSet | None:
     """The expert set installed on the model, or None."""
-    router = model.__dict__.get(ROUTER_ATTR)
+    router = _router_of(model)
     return None if router is None else router.expert_set
 
 
 @contextlib.contextmanager
 def routing(model: nn.Module, plan: "RoutingPlan"):
     """Make every forward of `model` inside the block follow `plan`."""
-    router = model.__dict__.get(ROUTER_ATTR)
+    router = _router_of(model)
     if router is None:
         raise RoutingError("routing is not installed on this model; call install(model, expert_set) first")
     if plan.expert_set is not router.expert_set:

@@ -257,6 +257,18 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
             out["token_strs"] = tok.convert_ids_to_tokens(ids)
         return out
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The tokenizer's settings as vLLM gives them (lm-eval discovers the tokenizer here)."""
+        def special(name):
+            value = getattr(tok, name, None)
+            return value if isinstance(value, str) else None
+
+        return {"tokenizer_class": type(tok).__name__, "eos_token": special("eos_token"),
+                "bos_token": special("bos_token"), "pad_token": special("pad_token"),
+                "unk_token": special("unk_token"), "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": max_len, "vocab_size": vocab_size}
+
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeBody):
         await check_model(body.model)
@@ -270,7 +282,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: HTTPRequest, body: LoadLoRABody):
         if not allowed_dirs:
-            raise APIError(403, "loading adapters from server paths is off; the operator enables it with "
+            raise APIError(403, "loading adapters from server paths (lora_path) is off; the operator enables it with "
                                 "--allowed-adapter-dir DIR (uploads: POST /v1/adapters)", param="lora_path",
                            code="adapter_loading_disabled")
         try:
@@ -281,7 +293,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         request.state.log["adapter"] = name
         path = adapter_dir(body.lora_path, allowed_dirs)
         if name in await adapter_names():  # as vLLM: a loaded name is unloaded first, not overwritten
-            raise APIError(400, f"the adapter {name!r} is already loaded; unload it first", param="lora_name",
+            raise APIError(400, f"lora_name {name!r} is already loaded; unload it first", param="lora_name",
                            code="adapter_exists")
         created = False
         try:

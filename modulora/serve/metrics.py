@@ -11,13 +11,16 @@ import threading
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/adapters")
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/adapters",
+             "/tokenize", "/detokenize", "/tokenizer_info", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def endpoint_of(path: str) -> str:
     """A bounded label for a request path (never the raw path: its values are unbounded)."""
     if path.startswith("/v1/adapters/"):
         return "/v1/adapters/{name}"
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
     return path if path in ENDPOINTS else "other"
 
 
