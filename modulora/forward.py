@@ -4,46 +4,28 @@ It owns the two things every caller would otherwise get subtly different: positi
 attention mask (so left padding works) and the prefix-tuning cache (learned keys and values that
 sit before every sequence but take no position).
 
-The prefix is one adapter's for every row (`modulora.adapters.prefix.Prefix`), or, when routing
-selects prefixes per request, a `RowPrefix`: each row's own, in a block as wide as the longest,
-with the slots a row does not use masked out.
+The prefix here is an attached prefix adapter's, the same for every row
+(`modulora.adapters.prefix.Prefix`); the engine puts per-request prefixes in its own cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import DynamicCache
 
-PREFIX_ATTR = "modulora_prefix"  # set on the model: a Prefix (`.keys`, `.values` [L, kv, P, hd]) or a RowPrefix
-
-
-@dataclass
-class RowPrefix:
-    """A prefix per row of one batch: `keys`, `values` [L, b, kv, P, hd]; `row_mask` [b, P] is 1
-    where a row has a prefix token and 0 on the padding of rows with a shorter (or no) prefix."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    row_mask: torch.Tensor
+PREFIX_ATTR = "modulora_prefix"  # the attached prefix adapter's module (`.keys`, `.values` [L, kv, P, hd])
 
 
 def new_cache(model: torch.nn.Module, batch_size: int) -> DynamicCache:
-    """An empty KV cache, or one holding the prefix: the attached adapter's for every row of the
-    batch, or each row's own (a RowPrefix)."""
+    """An empty KV cache, or one holding the attached prefix adapter's keys and values for every
+    row of the batch."""
     cache = DynamicCache(config=model.config)
     prefix = getattr(model, PREFIX_ATTR, None)
     if prefix is not None:
-        per_row = isinstance(prefix, RowPrefix)
-        if per_row and prefix.keys.shape[1] != batch_size:
-            raise ValueError(f"the per-row prefix has {prefix.keys.shape[1]} rows but the batch has {batch_size}")
         dtype = next(model.parameters()).dtype
         for layer in range(prefix.keys.shape[0]):
-            k, v = prefix.keys[layer], prefix.values[layer]
-            if not per_row:
-                k = k.unsqueeze(0).expand(batch_size, -1, -1, -1)
-                v = v.unsqueeze(0).expand(batch_size, -1, -1, -1)
+            k = prefix.keys[layer].unsqueeze(0).expand(batch_size, -1, -1, -1)
+            v = prefix.values[layer].unsqueeze(0).expand(batch_size, -1, -1, -1)
             cache.update(k.to(dtype), v.to(dtype), layer)
     return cache
 
@@ -53,8 +35,6 @@ def _prefix_mask(model: torch.nn.Module, attention_mask: torch.Tensor) -> torch.
     prefix = getattr(model, PREFIX_ATTR, None)
     if prefix is None:
         return None
-    if isinstance(prefix, RowPrefix):
-        return prefix.row_mask.to(attention_mask)
     return attention_mask.new_ones(attention_mask.shape[0], prefix.keys.shape[-2])
 
 

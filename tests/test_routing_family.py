@@ -16,10 +16,11 @@ from modulora.library import Library
 from modulora.routing.api import Router
 from modulora.routing.arrow import Arrow
 from modulora.routing.engine import Engine
+from modulora.routing.requests import EngineRequest, SamplingParams
 from modulora.routing.batch import Request, generate_routed
 from modulora.routing.experts import ExpertSet, RoutingError, load_experts
 from modulora.routing.family import FamilyPlan, load_family
-from modulora.routing.layer import RoutingPlan, install, routing, uninstall
+from modulora.routing.layer import installed
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -125,24 +126,28 @@ def test_mixture_is_the_weighted_sum_of_the_deltas(fam, a, b, site, width):
 
 def test_prefix_per_request_is_batch_invariant(fam):
     """Rows with prefixes of different lengths, a LoRA row, a series row and a base row in one
-    batch: each prefix row gives the logits and greedy answer of its adapter attached alone."""
+    engine batch: each row's prompt log-probabilities and greedy answer are those of its adapter
+    attached alone (a prefix leads its row's cache and takes no position)."""
     base, others = fam["base"], fam["others"]
     model = base.model
     es = ExpertSet(load_experts(fam["lib"], fingerprint=base.fingerprint))
     names = ["pre4", "l1", None, "pre8", "s1"]
     ids, mask = padded([6, 9, 4, 7, 5])
-    family_routes = [{n: 1.0} if n in others else None for n in names]
-    lora_routes = [{n: 1.0} if n == "l1" else None for n in names]
-    install(model, es)
+    eng = Engine(base)
+    eng.use_experts(es.experts)
+    eng.use_family(others)
+    rows = [ids[i, -int(mask[i].sum()):].tolist() for i in range(len(names))]
+    reqs = [EngineRequest(r, {n: 1.0} if n else None, params=SamplingParams(max_tokens=0, prompt_logprobs=True))
+            for r, n in zip(rows, names)]
     try:
-        with torch.inference_mode(), routing(model, RoutingPlan(es, lora_routes)), \
-                FamilyPlan(model, family_routes, others).applied(model):
-            got = forward(model, ids, mask)[0]
+        got = eng.run(reqs)
     finally:
-        uninstall(model)
+        eng.release()
     for i, name in enumerate(names):
-        n = int(mask[i].sum())
-        torch.testing.assert_close(got[i, -n:], alone(fam, name, ids[i], mask[i]), atol=ATOL, rtol=0)
+        want = torch.log_softmax(alone(fam, name, ids[i], mask[i]).float(), -1)
+        want = [float(want[j, t]) for j, t in enumerate(rows[i][1:])]
+        have = [e.logprob for e in got[i].prompt_logprobs[1:]]
+        assert max(abs(a - b) for a, b in zip(have, want)) < ATOL, name
 
     reqs = [Request(p, {n: 1.0} if n else None, max_new_tokens=8) for p, n in zip(PROMPTS, names)]
     answers = generate_routed(base, es, reqs, others=others, batch_size=5, explain=True)
@@ -150,9 +155,10 @@ def test_prefix_per_request_is_batch_invariant(fam):
         assert ans.text == answer_alone(fam, name, prompt), name
     assert answers[0].experts == {"pre4": 1.0} and answers[2].experts == {}
     assert set(answers[4].per_layer) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
-    # the model is left as found: no prefix, no hooks
+    # the model is left as found: no prefix, no hooks, no multi-expert layers
     assert getattr(model, PREFIX_ATTR, None) is None
     assert not any(m._forward_hooks for m in model.modules())
+    assert installed(model) is None
 
 
 def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam, monkeypatch):

@@ -40,7 +40,7 @@ from ..forward import PREFIX_ATTR, forward
 from ..generate import last_position, left_pad
 from .arrow import Arrow
 from .experts import RoutingError
-from .family import FamilyPlan, PrefixExpert, _row_prefix, split_route
+from .family import FamilyPlan, PrefixExpert, prefix_block, split_route
 from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
 from .requests import Answer, EngineRequest, Sample, TokenEvent, TokenLogprob
 from .resident import ResidentExperts
@@ -341,7 +341,7 @@ class Engine:
     def _prefix_cache(self, group: list[_Pending]) -> tuple[DynamicCache | None, torch.Tensor | None]:
         """For requests with prefix adapters: a cache whose leading columns hold each row's
         prefix keys and values (right-aligned, the rest masked), and that mask; else (None, None)."""
-        rp = _row_prefix(self.model, [p.prefix for p in group])
+        rp = prefix_block(self.model, [p.prefix for p in group])
         if rp is None:
             return None, None
         cache = DynamicCache(config=self.model.config)

@@ -17,7 +17,7 @@ It is applied by forward hooks registered for the batch, so the LoRA layer (laye
 path are untouched, and a batch without bottleneck routes pays nothing. Rows are grouped by
 expert: each used expert runs once per site, on the rows that chose it.
 
-Prefix: each row gets its own learned keys and values in the KV cache (a `RowPrefix`, see
+Prefix: each row gets its own learned keys and values in the KV cache (a `PrefixBlock`, see
 `modulora.forward`): right-aligned in a block as wide as the batch's longest prefix, the unused
 slots masked out; position ids come from the real tokens, so a row answers as it would alone.
 
@@ -41,7 +41,6 @@ from torch import nn
 from ..adapters import AdapterError, read_adapter
 from ..adapters.attach import attached_config
 from ..adapters.prefix import kv_shape
-from ..forward import PREFIX_ATTR, RowPrefix
 from .arrow import Arrow
 from .experts import ExpertSet, RoutingError, check_base, library_record, normalise_route
 
@@ -178,41 +177,28 @@ def split_route(route, mode: str, expert_set: ExpertSet | None, others: dict) ->
 
 
 class FamilyPlan:
-    """The bottleneck mixtures and prefixes of one batch; `routes[i]` is row i's family route
-    (normalised, from `split_route`) or None. Apply it with `with plan.applied(model): ...`."""
+    """The bottleneck mixtures of one batch: `routes[i]` is row i's series or parallel route
+    (normalised, from `split_route`) or None. Apply it with `with plan.applied(model): ...`.
+    Prefix adapters are the engine's: their keys and values lead a row's cache (`prefix_block`)."""
 
     def __init__(self, model: nn.Module, routes: list[dict | None], others: dict):
-        self.model = model
         self.routes, self.others = routes, others
-        self._applied = False
-        self._all_prefixes = _row_prefix(model, [next((others[n] for n in (r or {}) if isinstance(others[n], PrefixExpert)),
-                                                      None) for r in routes])
-        self.select(list(range(len(routes))))
-        self.sites = {s: e.kind == "parallel" for e, _, _ in self.groups for s in e.down}  # site -> parallel?
-        self._check_sites(model)
-
-    def select(self, rows: list[int]) -> None:
-        """From the next forward on, the batch holds only these rows of the plan, in this order (a
-        generation drops the rows that finished)."""
-        param = next(self.model.parameters())
-        self.b = len(rows)
+        param = next(model.parameters())
         groups: dict[str, list[tuple[int, float]]] = {}
-        for p, i in enumerate(rows):
-            for name, w in (self.routes[i] or {}).items():
-                if not isinstance(self.others[name], PrefixExpert):
+        for p, route in enumerate(routes):
+            for name, w in (route or {}).items():
+                if not isinstance(others[name], PrefixExpert):
                     groups.setdefault(name, []).append((p, w))
         # per expert: its batch positions (None: every one) and each one's weight times the expert's scale
         self.groups = []
         for name, pairs in groups.items():
-            e = self.others[name]
+            e = others[name]
             idx = [p for p, _ in pairs]
             w = torch.tensor([w * e.scale for _, w in pairs], dtype=torch.float32, device=param.device)
-            self.groups.append((e, None if idx == list(range(self.b)) else torch.tensor(idx, device=param.device),
+            self.groups.append((e, None if idx == list(range(len(routes))) else torch.tensor(idx, device=param.device),
                                 w.view(-1, 1, 1)))
-        full = self._all_prefixes  # its keys are in the KV cache from the first forward; the rows' mask follows them
-        self.prefix = None if full is None else RowPrefix(full.keys[:, rows], full.values[:, rows], full.row_mask[rows])
-        if self._applied and self.prefix is not None:
-            self.model.__dict__[PREFIX_ATTR] = self.prefix
+        self.sites = {s: e.kind == "parallel" for e, _, _ in self.groups for s in e.down}  # site -> parallel?
+        self._check_sites(model)
 
     def _check_sites(self, model: nn.Module) -> None:
         hidden = model.config.hidden_size
@@ -237,26 +223,17 @@ class FamilyPlan:
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
-        """Hooks on the bottleneck sites and the per-row prefix, for the duration of a block.
-        Enter it after `install` (a hook sits on whatever module is at its site when entered)."""
+        """Hooks on the bottleneck sites, for the duration of a block. Enter it after the
+        multi-expert layers are installed (a hook sits on whatever module is at its site)."""
         if attached_config(model) is not None:
             raise RoutingError("an adapter is attached to this model; detach it before routing")
-        if not self.groups and self.prefix is None:
-            yield self
-            return
-        handles = []
-        self._applied = True
+        handles = [model.get_submodule(site).register_forward_hook(self._hook(site, parallel))
+                   for site, parallel in self.sites.items()]
         try:
-            for site, parallel in self.sites.items():
-                handles.append(model.get_submodule(site).register_forward_hook(self._hook(site, parallel)))
-            if self.prefix is not None:
-                model.__dict__[PREFIX_ATTR] = self.prefix  # a plain attribute: no parameters registered
             yield self
         finally:
             for h in handles:
                 h.remove()
-            model.__dict__.pop(PREFIX_ATTR, None)
-            self._applied = False
 
     def _hook(self, site: str, parallel: bool):
         """Adds the site's weighted bottleneck outputs to the module's output, row group by row group.
@@ -265,7 +242,7 @@ class FamilyPlan:
         def hook(module, args, out):
             h = args[0] if parallel else out
             y = out
-            for e, rows, w in self.groups:  # read at every call: `select` may have narrowed them
+            for e, rows, w in self.groups:
                 if site not in e.down:
                     continue
                 (wd, bd), (wu, bu) = e.down[site], e.up[site]
@@ -277,7 +254,17 @@ class FamilyPlan:
         return hook
 
 
-def _row_prefix(model: nn.Module, prefixes: list[PrefixExpert | None]) -> RowPrefix | None:
+@dataclass
+class PrefixBlock:
+    """Prefixes of the rows of one batch: `keys`, `values` [L, b, kv, P, hd]; `row_mask` [b, P]
+    is 1 where a row has a prefix token and 0 on the padding of rows with a shorter (or none)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    row_mask: torch.Tensor
+
+
+def prefix_block(model: nn.Module, prefixes: list[PrefixExpert | None]) -> PrefixBlock | None:
     """Each row's prefix right-aligned in a [L, b, kv, P, hd] block (P: the longest), the rest
     masked; None when no row has one."""
     used = [p for p in prefixes if p is not None]
@@ -300,7 +287,7 @@ def _row_prefix(model: nn.Module, prefixes: list[PrefixExpert | None]) -> RowPre
             keys[:, i, :, P - n:] = p.keys
             values[:, i, :, P - n:] = p.values
             mask[i, P - n:] = 1
-    return RowPrefix(keys, values, mask)
+    return PrefixBlock(keys, values, mask)
 
 
-__all__ = ["BottleneckExpert", "PrefixExpert", "FamilyPlan", "family_expert", "load_family", "split_route"]
+__all__ = ["BottleneckExpert", "PrefixExpert", "FamilyPlan", "PrefixBlock", "prefix_block", "family_expert", "load_family", "split_route"]
