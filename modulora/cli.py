@@ -69,7 +69,7 @@ def cmd_generate(args) -> None:
         answers = router.answer(args.prompt, [args.route] * len(args.prompt), top_k=args.top_k, mode=args.mode,
                                 explain=args.explain, sampling=params)
         for prompt, ans in zip(args.prompt, answers):
-            print(f">>> {prompt}\n{ans.text}")
+            print(f">>> {prompt}\n{ans.text.strip()}")
             if args.explain:
                 print("\n".join(["routing:"] + explain_lines(ans, per_layer=args.route == "arrow")))
             print()
@@ -81,11 +81,7 @@ def cmd_generate(args) -> None:
     route = None
     if args.adapter:
         route = {_load_one(engine, _library(args), args.adapter, base): 1.0}
-    reqs = []
-    for p in args.prompt:
-        ids, span = engine.encode_prompt(p)
-        reqs.append(EngineRequest(ids, route, params=params, content_span=span))
-    answers = engine.run(reqs)
+    answers = engine.run([EngineRequest(p, route, params=params) for p in args.prompt])
     engine.release()
     for prompt, a in zip(args.prompt, answers):
         print(f">>> {prompt}\n{a.text.strip()}\n" if len(args.prompt) > 1 else a.text.strip())

@@ -88,8 +88,8 @@ def route_mixed(base, library: Library, held: dict[str, list], per_task: int = 5
     rows = []
     for (task, ex), a, r in zip(mixed, arrow, retrieval):
         rows.append({"task": task, "input": ex.input, "arrow": top_expert(a), "retrieval": top_expert(r),
-                     "arrow_em": exact_match(a.text, ex.references), "retrieval_em": exact_match(r.text, ex.references),
-                     "answer": r.text})
+                     "arrow_em": exact_match(a.text.strip(), ex.references),
+                     "retrieval_em": exact_match(r.text.strip(), ex.references), "answer": r.text.strip()})
     print(f"Routing {len(rows)} mixed prompts in one batch (Arrow: top-1 per token, expert with the largest mean "
           f"weight shown; retrieval: top-1 by MiniLM similarity to each adapter's sample inputs)")
     print(table(["prompt", "task", "Arrow picked", "retrieval picked", "answer (retrieval)"],

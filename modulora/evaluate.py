@@ -320,7 +320,7 @@ def _run_chunk(router, m: Method, t: EvalTask, rows: list[int], batch_size: int)
     else:
         answers = router.answer(prompts, routes, top_k=m.top_k, mode=m.mode, max_new_tokens=t.max_new_tokens,
                                 batch_size=batch_size, exclude=exclude)
-        texts, experts = [a.text for a in answers], [a.experts for a in answers]
+        texts, experts = [a.text.strip() for a in answers], [a.experts for a in answers]
     recs = []
     for i, ex, text, exp in zip(rows, chunk, texts, experts):
         recs.append({"method": m.name, "task": t.name, "source": t.source(i), "id": ex.id, "prediction": text,

@@ -78,12 +78,10 @@ def test_empty_library_and_other_base_refused(capsys, tmp_path, lib, tiny):
 
 def test_explain_summarises_the_requests_own_tokens(tiny):
     from modulora.data import Example, render_prompt
-    from modulora.routing.batch import content_spans
+    from modulora.routing.engine import Engine
 
-    tok = tiny.tokenizer
-    texts = ["apple river stone", "a"]
-    prompts = [tok(render_prompt(tok, Example("", t, "")), add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(map(len, prompts))
-    for text, ids, (lo, hi) in zip(texts, prompts, content_spans(tok, prompts)):
-        padded = [tok.pad_token_id] * (width - len(ids)) + ids
-        assert tok.decode(padded[lo:hi]).strip() == text
+    tok, eng = tiny.tokenizer, Engine(tiny)
+    for text in ["apple river stone", "a"]:
+        ids, (lo, hi) = eng.encode_prompt(text)
+        assert ids == tok(render_prompt(tok, Example("", text, "")), add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids[lo:hi]).strip() == text

@@ -17,7 +17,7 @@ from modulora.routing.api import Router
 from modulora.routing.arrow import Arrow
 from modulora.routing.engine import Engine
 from modulora.routing.requests import EngineRequest, SamplingParams
-from modulora.routing.batch import Request, generate_routed
+from modulora.routing.batch import generate_routed
 from modulora.routing.experts import ExpertSet, RoutingError, load_experts
 from modulora.routing.family import FamilyPlan, load_family
 from modulora.routing.layer import installed
@@ -94,7 +94,7 @@ def test_bottleneck_routed_alone_equals_the_attached_adapter(fam, name):
     for i, r in enumerate(routes):
         n = int(mask[i].sum())
         torch.testing.assert_close(got[i, -n:], alone(fam, r and name, ids[i], mask[i]), atol=ATOL, rtol=0)
-    answer = generate_routed(fam["base"], None, [Request(PROMPTS[0], {name: 1.0}, max_new_tokens=8)],
+    answer = generate_routed(fam["base"], None, [EngineRequest(PROMPTS[0], {name: 1.0}, params=SamplingParams(max_tokens=8))],
                              others=fam["others"])[0]
     assert answer.text == answer_alone(fam, name, PROMPTS[0])
     assert answer.experts == {name: 1.0}
@@ -149,7 +149,7 @@ def test_prefix_per_request_is_batch_invariant(fam):
         have = [e.logprob for e in got[i].prompt_logprobs[1:]]
         assert max(abs(a - b) for a, b in zip(have, want)) < ATOL, name
 
-    reqs = [Request(p, {n: 1.0} if n else None, max_new_tokens=8) for p, n in zip(PROMPTS, names)]
+    reqs = [EngineRequest(p, {n: 1.0} if n else None, params=SamplingParams(max_tokens=8)) for p, n in zip(PROMPTS, names)]
     answers = generate_routed(base, es, reqs, others=others, batch_size=5, explain=True)
     for name, prompt, ans in zip(names, PROMPTS, answers):
         assert ans.text == answer_alone(fam, name, prompt), name
@@ -170,7 +170,8 @@ def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam, monkey
     names = ["pre4", "s1", "l1", "pre8", None, "p1"]
     limits = [2, 8, 1, 8, 3, 5]
     prompts = PROMPTS + ["one more"]
-    reqs = [Request(p, {n: 1.0} if n else None, max_new_tokens=k) for p, n, k in zip(prompts, names, limits)]
+    reqs = [EngineRequest(p, {n: 1.0} if n else None, params=SamplingParams(max_tokens=k))
+            for p, n, k in zip(prompts, names, limits)]
     seen: list[list[int]] = []
     real = Engine._drop
 
@@ -199,13 +200,13 @@ def test_rows_that_finish_leave_the_batch_and_the_rest_are_unchanged(fam, monkey
 def test_incompatible_routes_are_clear_errors(fam, route, mode, needle):
     es = ExpertSet(load_experts(fam["lib"], fingerprint=fam["base"].fingerprint))
     with pytest.raises(RoutingError, match=needle):
-        generate_routed(fam["base"], es, [Request("hi", {"s1": 1.0}), Request("hi", route, mode=mode)],
+        generate_routed(fam["base"], es, [EngineRequest("hi", {"s1": 1.0}), EngineRequest("hi", route, mode=mode)],
                         others=fam["others"])
 
 
 def test_arrow_needs_lora_experts(fam):
     with pytest.raises(RoutingError, match="Arrow"):
-        generate_routed(fam["base"], None, [Request("hi", Arrow(top_k=1))], others=fam["others"])
+        generate_routed(fam["base"], None, [EngineRequest("hi", Arrow(top_k=1))], others=fam["others"])
 
 
 def run(capsys, lib, *argv):

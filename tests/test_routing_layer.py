@@ -18,7 +18,8 @@ from modulora.forward import forward
 from modulora.library import Library
 from modulora.routing import arrow as arrow_mod
 from modulora.routing.arrow import Arrow
-from modulora.routing.batch import Request, generate_routed
+from modulora.routing.batch import generate_routed
+from modulora.routing.requests import EngineRequest, SamplingParams
 from modulora.routing.experts import (ExpertSet, RoutingError, load_experts, load_experts_from_dirs)
 from modulora.routing.layer import MultiLoraLinear, RoutingPlan, install, installed, routing, uninstall
 
@@ -365,7 +366,7 @@ def test_batch_invariance_with_mixed_policies(setup, batch):
     base = setup["base"]
     base = type(base)(model=model, tokenizer=base.tokenizer, name=base.name, fingerprint=base.fingerprint)
     prompts = ["Add 2 and 3.", "The capital of France is", "Reverse the word abc", "yes or no?"]
-    reqs = [Request(p, r, max_new_tokens=6) for p, r in zip(prompts, routes)]
+    reqs = [EngineRequest(p, r, params=SamplingParams(max_tokens=6)) for p, r in zip(prompts, routes)]
     joint = generate_routed(base, es, reqs)
     for r, a in zip(reqs, joint):
         assert generate_routed(base, es, [r])[0].text == a.text
@@ -396,9 +397,9 @@ def test_generate_routed_explains(setup):
     base = setup["base"]
     base = type(base)(model=fresh(), tokenizer=base.tokenizer, name=base.name, fingerprint=base.fingerprint)
     es = setup["es"]
-    reqs = [Request("Add 2 and 3.", Arrow(top_k=2), max_new_tokens=4),
-            Request("yes or no?", {"e2": 3, "e0": 1}, mode="average", max_new_tokens=3),
-            Request("hello", None, max_new_tokens=2)]
+    reqs = [EngineRequest("Add 2 and 3.", Arrow(top_k=2), params=SamplingParams(max_tokens=4)),
+            EngineRequest("yes or no?", {"e2": 3, "e0": 1}, mode="average", params=SamplingParams(max_tokens=3)),
+            EngineRequest("hello", None, params=SamplingParams(max_tokens=2))]
     answers = generate_routed(base, es, reqs, batch_size=2, explain=True)
     assert len(answers) == 3 and all(isinstance(a.text, str) for a in answers)
     a = answers[0]
@@ -425,7 +426,7 @@ def test_unknown_adapter_name(setup):
     with pytest.raises(RoutingError, match="unknown expert"):
         RoutingPlan(setup["es"], [Arrow(top_k=1, experts=["e0", "zz"])])
     with pytest.raises(RoutingError, match="unknown expert 'nope'"):
-        generate_routed(setup["base"], setup["es"], [Request("hi", {"e0": 1}), Request("hi", {"nope": 1})])
+        generate_routed(setup["base"], setup["es"], [EngineRequest("hi", {"e0": 1}), EngineRequest("hi", {"nope": 1})])
 
 
 def test_adapter_for_another_base(setup, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from modulora.base import load_base
 from modulora.library import Library
 from modulora.routing.arrow import Arrow
-from modulora.routing.batch import Request, generate_routed
+from modulora.routing.batch import generate_routed
 from modulora.routing.engine import Engine
 from modulora.routing.experts import ExpertSet, RoutingError, load_experts
 from modulora.routing.requests import EngineRequest, SamplingParams
@@ -53,7 +53,7 @@ JOBS = [  # prompt, route, mode, max_new_tokens
 
 
 def solo(base, experts, prompt, route, mode, max_new):
-    return generate_routed(base, experts, [Request(prompt, route, mode=mode, max_new_tokens=max_new)])[0]
+    return generate_routed(base, experts, [EngineRequest(prompt, route, mode=mode, params=SamplingParams(max_tokens=max_new))])[0]
 
 
 def new_engine(base, lib):
@@ -68,7 +68,7 @@ def request(eng, prompt, route, mode="mixture", max_new=16, **kw):
 
 
 def test_generate_routed_hooks_stream_every_token_and_stop_a_row(base, experts):
-    reqs = [Request(p, r, mode=m, max_new_tokens=n) for p, r, m, n in JOBS[:6]]
+    reqs = [EngineRequest(p, r, mode=m, params=SamplingParams(max_tokens=n)) for p, r, m, n in JOBS[:6]]
     plain = generate_routed(base, experts, reqs)
     seen: dict[int, list[int]] = {}
     hooked = generate_routed(base, experts, reqs, on_token=lambda i, t: seen.setdefault(i, []).append(t),
@@ -78,7 +78,7 @@ def test_generate_routed_hooks_stream_every_token_and_stop_a_row(base, experts):
             assert b.finish_reason == "stopped" and b.token_ids == a.token_ids[:3] and seen[1] == b.token_ids
         else:
             assert b.token_ids == a.token_ids == seen.get(i, []) and b.text == a.text
-            assert b.finish_reason == a.finish_reason == ("length" if len(a.token_ids) == reqs[i].max_new_tokens
+            assert b.finish_reason == a.finish_reason == ("length" if len(a.token_ids) == reqs[i].params.max_tokens
                                                            else "stop")
     assert plain[1].finish_reason == "length" and len(plain[1].token_ids) == 20
 
@@ -94,7 +94,7 @@ def test_rows_joining_and_leaving_get_their_solo_answers(base, lib, experts):
     for r in reqs[2:]:  # one newcomer between every two decode steps
         done += eng.step()
         done += eng.add([r])
-        widths.append((eng.mask.shape[1], max(len(x.pending.req.prompt_ids) + len(x.tokens) for x in eng.rows)))
+        widths.append((eng.mask.shape[1], max(len(x.pending.ids) + len(x.tokens) for x in eng.rows)))
     while eng.rows:
         done += eng.step()
     answers = dict((id(r), a) for r, a in done)

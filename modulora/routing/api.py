@@ -12,7 +12,8 @@ The policies route among the library's LoRA adapters only.
 from __future__ import annotations
 
 from .arrow import Arrow
-from .batch import Request, RoutedAnswer, generate_routed
+from .batch import generate_routed
+from .requests import Answer, EngineRequest, SamplingParams
 from .experts import LoraExpert, RoutingError, load_experts
 from .family import load_family
 
@@ -156,12 +157,12 @@ class Router:
 
     def answer(self, prompts: list[str], routes: list[str], top_k: int = 1, mode: str = "mixture",
                max_new_tokens: int = 64, explain: bool = False, batch_size: int = 16,
-               exclude: list[list[str]] | None = None, sampling=None) -> list[RoutedAnswer]:
+               exclude: list[list[str]] | None = None, sampling: SamplingParams | None = None) -> list[Answer]:
         """Answers for mixed requests, each with its own route, in shared batched passes; greedy
-        unless `sampling` (a SamplingParams, whose max_tokens then counts) says otherwise."""
+        unless `sampling` (whose max_tokens then counts) says otherwise."""
         resolved = self.resolve(prompts, routes, top_k, exclude)
-        requests = [Request(p, r, mode=mode, max_new_tokens=max_new_tokens if sampling is None else sampling.max_tokens,
-                            params=sampling) for p, r in zip(prompts, resolved)]
+        params = sampling if sampling is not None else SamplingParams(max_tokens=max_new_tokens)
+        requests = [EngineRequest(p, r, mode=mode, params=params) for p, r in zip(prompts, resolved)]
         others, uses_lora = self.family_for(resolved)
         eng = self.engine()
         try:
@@ -171,12 +172,12 @@ class Router:
             eng.release()  # leave the model as found: the next user may attach an adapter to it
 
 
-def top_expert(answer: RoutedAnswer) -> str | None:
+def top_expert(answer: Answer) -> str | None:
     """The expert with the largest weight in an answer (None for the base alone)."""
     return max(answer.experts, key=answer.experts.get) if answer.experts else None
 
 
-def explain_lines(answer: RoutedAnswer, per_layer: bool = False) -> list[str]:
+def explain_lines(answer: Answer, per_layer: bool = False) -> list[str]:
     """Human-readable routing of one answer: experts by weight, and (Arrow) per layer."""
     if not answer.experts:
         return ["  base model only"]

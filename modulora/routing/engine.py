@@ -1,8 +1,9 @@
 """The engine: the one owner of a routed base model. Requests in, answers out.
 
     engine = Engine(base, library)                       # once per base model
-    ids = engine.encode_chat([{"role": "user", "content": "Peru"}])
-    answers = engine.run([EngineRequest(ids, {"geo": 1.0}, params=SamplingParams(max_tokens=8))])
+    answers = engine.run([EngineRequest("Peru", {"geo": 1.0}, params=SamplingParams(max_tokens=8))])
+    ids = engine.encode_chat([{"role": "system", "content": "..."}, {"role": "user", "content": "Peru"}])
+    answers = engine.run([EngineRequest(ids, {"geo": 1.0})])      # token ids are used as they are
 
 or, as a server does, step by step (continuous batching):
 
@@ -53,6 +54,8 @@ class _Pending:
 
     req: EngineRequest
     samples: list[Sample | None]
+    ids: list[int] = field(default_factory=list)  # the prompt's token ids
+    span: tuple[int, int] | None = None           # the request's own tokens among them
     lora: object = None          # the route the multi-expert layer gets (LoRA weights, Arrow, None)
     family: dict | None = None   # a series / parallel mixture, applied by hooks
     prefix: PrefixExpert | None = None  # a prefix adapter: its keys and values lead the row's cache
@@ -65,7 +68,7 @@ class _Pending:
     left: int = 0  # samples still running
 
     def answer(self) -> Answer:
-        return Answer(samples=list(self.samples), prompt_tokens=len(self.req.prompt_ids),
+        return Answer(samples=list(self.samples), prompt_tokens=len(self.ids),
                       experts=self.experts(), per_layer=self.per_layer(), prompt_logprobs=self.prompt_logprobs)
 
     def per_layer(self) -> dict[str, dict[str, float]] | None:
@@ -222,12 +225,21 @@ class Engine:
         if req.mode not in MODES:
             raise RoutingError(f"unknown mode {req.mode!r}; use 'mixture' or 'average'")
         req.params.validate()
-        if not req.prompt_ids:
+        ids, _ = self._prompt(req)
+        if not ids:
             raise RoutingError("the prompt has no tokens")
         vocab = self.model.config.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in req.prompt_ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RoutingError(f"prompt token ids must be integers in [0, {vocab})")
         self._split(req)
+
+    def _prompt(self, req: EngineRequest) -> tuple[list[int], tuple[int, int] | None]:
+        """A request's token ids and own span (text is rendered as adapters are trained)."""
+        if isinstance(req.prompt, str):
+            return self.encode_prompt(req.prompt)
+        if not isinstance(req.prompt, (list, tuple)):
+            raise RoutingError(f"a prompt is text or a list of token ids, got {type(req.prompt).__name__}")
+        return list(req.prompt), req.content_span
 
     def _split(self, req: EngineRequest) -> tuple:
         """(LoRA route, family route, prefix expert) of a request; RoutingError if it cannot run."""
@@ -257,7 +269,9 @@ class Engine:
         live = []
         for r in requests:
             lora, fam, prefix = self._split(r)
-            p = _Pending(r, [None] * r.params.n, lora=lora, family=fam, prefix=prefix, left=r.params.n,
+            ids, span = self._prompt(r)
+            p = _Pending(r, [None] * r.params.n, ids=ids, span=span, lora=lora, family=fam, prefix=prefix,
+                         left=r.params.n,
                          modules=self.experts.slots.modules,
                          req_family_experts={n: self.family[n] for n in (fam or {})})
             reason = r.should_stop() if r.should_stop is not None else None
@@ -268,7 +282,7 @@ class Engine:
                 live.append(p)
         P = len(self.template) if self.prefix_entries > 0 else 0
         reuse = [p for p in live if P and not p.req.params.prompt_logprobs and p.prefix is None
-                 and len(p.req.prompt_ids) > P and p.req.prompt_ids[:P] == self.template]
+                 and len(p.ids) > P and p.ids[:P] == self.template]
         rest = [p for p in live if p not in reuse]
         for group, shared in ((reuse, True), (rest, False)):
             if group:
@@ -277,7 +291,7 @@ class Engine:
 
     def _prefill(self, group: list[_Pending], shared: bool) -> list[tuple[EngineRequest, Answer]]:
         P = len(self.template) if shared else 0
-        seqs = [p.req.prompt_ids[P:] for p in group]
+        seqs = [p.ids[P:] for p in group]
         ids, mask = left_pad(seqs, self.pad_id)
         width = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -292,7 +306,7 @@ class Engine:
         if plan is not None:  # an Arrow report counts the request's own text, not the template
             spans = []
             for p, seq in zip(group, seqs):
-                lo, hi = p.req.content_span or (P, len(p.req.prompt_ids))
+                lo, hi = p.span or (P, len(p.ids))
                 lo, hi = max(lo - P, 0), max(hi - P, 0)
                 spans.append((width - len(seq) + lo, width - len(seq) + hi) if lo < hi else
                              (width - len(seq), width))

@@ -2,14 +2,14 @@
 
     params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=1, stop=["\\n"], n=2,
                             logprobs=3)
-    req = EngineRequest(prompt_ids=engine.encode_chat([{"role": "user", "content": "Peru"}]),
-                        route={"geo": 1.0}, params=params)
+    req = EngineRequest("Peru", route={"geo": 1.0}, params=params)   # or token ids
+    req = EngineRequest(engine.encode_chat([{"role": "system", ...}, ...]), ...)
     answer = engine.run([req])[0]
     answer.samples[0].text, answer.samples[0].finish_reason, answer.samples[0].logprobs
 
-Prompts are token ids: the engine's `encode_text` (raw, no template) and `encode_chat` (a whole
-message list through the tokenizer's chat template) make them, so every entry point encodes the
-same way. Routes are resolved objects (a dict name -> weight, an `Arrow`, or None for the base
+Prompts are a user's text (rendered as adapters are trained) or token ids: the engine's
+`encode_text` (raw, no template) and `encode_chat` (a whole message list through the tokenizer's
+chat template) make them, so every entry point encodes the same way. Routes are resolved objects (a dict name -> weight, an `Arrow`, or None for the base
 alone), as `modulora.routing.api.Router.resolve` returns them.
 """
 
@@ -126,17 +126,20 @@ class TokenEvent:
 
 @dataclass(eq=False)  # compared by identity
 class EngineRequest:
-    """One prompt (token ids), its route, and how to sample. `content_span` [lo, hi) marks the
-    request's own tokens within `prompt_ids` (without a chat template around them), which an
-    Arrow report averages over; None: all of them. Routes may name LoRA experts (loaded in the
-    engine's slots), Arrow, or series / parallel / prefix adapters the engine knows
-    (`Engine.use_family`); one request's experts are of one family (see `family.split_route`).
+    """One prompt, its route, and how to sample. `prompt` is a user's text, which the engine
+    renders through the base's chat template as adapters are trained (`data.render_prompt`), or
+    token ids, used as they are (the server's raw completions and whole chats come as ids).
+    `content_span` [lo, hi) marks the request's own tokens within token ids (without a chat
+    template around them), which an Arrow report averages over (None: all; for text the engine
+    knows it). Routes may name LoRA experts (loaded in the engine's slots), Arrow, or series /
+    parallel / prefix adapters the engine knows (`Engine.use_family`); one request's experts are
+    of one family (see `family.split_route`).
 
     Hooks, called in the engine's thread: `on_token(event)` as each sample gets a token;
     `should_stop()` before every step: a reason string ("client_disconnect", "timeout") ends
     every sample of the request at once, with that finish reason."""
 
-    prompt_ids: list[int]
+    prompt: str | list[int]
     route: dict[str, float] | Arrow | None = None
     mode: str = "mixture"
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -171,7 +174,12 @@ class Answer:
 
     @property
     def text(self) -> str:
+        """The first sample's text (the model's own: not stripped)."""
         return self.samples[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.samples[0].token_ids
 
     @property
     def finish_reason(self) -> str:

@@ -329,7 +329,7 @@ class Scheduler:
         finished = self.engine.add(reqs)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, sum(r.params.n for r in reqs))
-        self.metrics.batch(len(reqs), sum(len(r.prompt_ids) for r in reqs))
+        self.metrics.batch(len(reqs), sum(len(r.prompt) for r in reqs))
         self._deliver(finished)
 
     def _deliver(self, done: list[tuple[EngineRequest, Answer]]) -> None:
