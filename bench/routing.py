@@ -15,6 +15,13 @@ same work). Methods, run interleaved (each method once, then again, `--repeats` 
     ours Arrow      Arrow top-4 of 16 per token and layer (temperature 1)
     PEFT Arrow      peft 0.21 create_arrow_model from the 16 adapter directories, same top_k and
                     temperature, no general experts
+    routed ...      the same routes through the public batch API, `routing.batch.generate_routed`
+                    (text prompts: the random ids decoded, rendered through the chat template; no
+                    end token): "routed base" (no route), "routed top-1", "routed top-4 mixture",
+                    "routed Arrow top-4". Where the tree has the engine (`routing.engine.Engine`),
+                    one engine is kept across calls (`engine=`, as a Router keeps one); in the tree
+                    before it the expert set is installed on the model once. Either way this is what
+                    `Router.answer` and the server run.
 
 Every method but `peft_model.generate` runs the same greedy loop (generate_ids, eos_id=-1).
 Prefill and decode time are told apart by timing each forward of the underlying transformers model.
@@ -26,6 +33,10 @@ Writes bench/results/routing.md (the `--quick` run writes to the temp directory 
 
     python bench/routing.py                 # the full benchmark (several minutes)
     python bench/routing.py --quick         # end to end in under a minute: 4 experts, 4 x (16 + 4)
+    python bench/routing.py --skip-peft --skip-retrieval --json F   # ours only (bench/before_after.py)
+
+The script runs on the code before the engine (commit 74ff831) as well as after it:
+bench/before_after.py runs it under both, interleaved.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+import inspect
 from pathlib import Path
 
 import torch
@@ -171,6 +183,75 @@ class ForwardClock:
             h.remove()
 
 
+class NoEosTokenizer:
+    """The base's tokenizer with no end token (eos_token_id -1, which no token has), everything
+    else its own: `generate_routed` then generates exactly max_new_tokens, in either tree."""
+
+    eos_token_id = NO_EOS
+
+    def __init__(self, tok):
+        self.__dict__["_tok"] = tok
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_tok"], name)
+
+    def __call__(self, *args, **kwargs):
+        return self.__dict__["_tok"](*args, **kwargs)
+
+
+class NoEosBase:
+    """A base (model, name, fingerprint) whose tokenizer has no end token."""
+
+    def __init__(self, base):
+        self.model, self.name, self.fingerprint = base.model, base.name, base.fingerprint
+        self.tokenizer = NoEosTokenizer(base.tokenizer)
+
+
+def routed_methods(tok, dirs, names, arrow, k):
+    """The same routes through `generate_routed`: name -> (callable, model to clock)."""
+    from modulora.routing.batch import generate_routed
+
+    try:  # before the engine: a Request of its own
+        from modulora.routing.batch import Request
+
+        def make(text, route, n):
+            return Request(text, route, max_new_tokens=n)
+    except ImportError:  # the engine's one request type
+        from modulora.routing.requests import EngineRequest, SamplingParams
+
+        def make(text, route, n):
+            return EngineRequest(text, route, params=SamplingParams(max_tokens=n))
+
+    E = len(names)
+    base = NoEosBase(load_base())
+    expert_set = ExpertSet(load_experts_from_dirs(dirs))
+    kwargs = {}
+    if "engine" in inspect.signature(generate_routed).parameters:  # the engine's tree: keep one
+        from modulora.routing.engine import Engine
+        kwargs["engine"] = Engine(base)
+    else:  # before the engine: installed once, so generate_routed does not install it per call
+        install(base.model, expert_set)
+    texts: dict[tuple, str] = {}
+
+    def run(route_fn):
+        def go(prompts, n):
+            for p in prompts:
+                if tuple(p) not in texts:
+                    texts[tuple(p)] = tok.decode(p)
+            reqs = [make(texts[tuple(p)], route_fn(i), n) for i, p in enumerate(prompts)]
+            answers = generate_routed(base, expert_set, reqs, batch_size=len(reqs), **kwargs)
+            return [a.token_ids for a in answers]
+        return go
+
+    return {
+        "routed base": (run(lambda i: None), base.model),
+        "routed top-1": (run(lambda i: {names[i % E]: 1.0}), base.model),
+        f"routed top-{k} mixture": (run(lambda i: {names[(i + j) % E]: w for j, w in zip(range(k), TOP4_WEIGHTS)}),
+                                    base.model),
+        f"routed Arrow top-{k}": (run(lambda i: arrow), base.model),
+    }
+
+
 class MixedBatch:
     """A PeftModel seen by generate_ids with `adapter_names` added to every forward."""
 
@@ -201,14 +282,17 @@ def build_methods(args, tok, dirs, names):
     install(ours, expert_set)
     prototypes(expert_set)  # Arrow prototypes: computed once per expert set, not per request
 
-    peft_lora = PeftModel.from_pretrained(load_base().model, str(dirs[0]), adapter_name=names[0])
-    for d, n in zip(dirs[1:], names[1:]):
-        peft_lora.load_adapter(str(d), adapter_name=n)
-    peft_lora.eval()
+    if not args.skip_peft:
+        peft_lora = PeftModel.from_pretrained(load_base().model, str(dirs[0]), adapter_name=names[0])
+        for d, n in zip(dirs[1:], names[1:]):
+            peft_lora.load_adapter(str(d), adapter_name=n)
+        peft_lora.eval()
 
-    arrow_cfg = ArrowConfig(top_k=k, router_temperature=args.temperature, use_gks=False, rng_seed=0)
-    peft_arrow = create_arrow_model(load_base().model, [str(d) for d in dirs], arrow_cfg)
-    peft_arrow.eval()
+        arrow_cfg = ArrowConfig(top_k=k, router_temperature=args.temperature, use_gks=False, rng_seed=0)
+        peft_arrow = create_arrow_model(load_base().model, [str(d) for d in dirs], arrow_cfg)
+        peft_arrow.eval()
+    else:
+        peft_lora = peft_arrow = None
 
     def routes_top1(b):
         return [{names[i % E]: 1.0} for i in range(b)]
@@ -249,18 +333,23 @@ def build_methods(args, tok, dirs, names):
         return generate_ids(peft_arrow, prompts, NO_EOS, pad, n)
 
     arrow = Arrow(top_k=k, temperature=args.temperature)
-    methods = {
-        "base": (base_run, plain),
-        "ours top-1": (ours_run(routes_top1), ours),
-        "PEFT switch": (peft_switch, peft_lora.get_base_model()),
-        "PEFT mixed (loop)": (peft_mixed_loop, peft_lora.get_base_model()),
-        "PEFT mixed (generate)": (peft_mixed_generate, peft_lora.get_base_model()),
+    methods = {"base": (base_run, plain), "ours top-1": (ours_run(routes_top1), ours)}
+    if peft_lora is not None:
+        methods.update({
+            "PEFT switch": (peft_switch, peft_lora.get_base_model()),
+            "PEFT mixed (loop)": (peft_mixed_loop, peft_lora.get_base_model()),
+            "PEFT mixed (generate)": (peft_mixed_generate, peft_lora.get_base_model()),
+        })
+    methods.update({
         f"ours top-{k} mixture": (ours_run(routes_top4), ours),
         f"ours Arrow top-{k}": (ours_run(lambda b: [arrow] * b), ours),
-        f"PEFT Arrow top-{k}": (peft_arrow_run, peft_arrow.get_base_model()),
-    }
+    })
+    if peft_arrow is not None:
+        methods[f"PEFT Arrow top-{k}"] = (peft_arrow_run, peft_arrow.get_base_model())
     if args.skip_generate_api:
-        del methods["PEFT mixed (generate)"]
+        methods.pop("PEFT mixed (generate)", None)
+    if not args.skip_routed:
+        methods.update(routed_methods(tok, dirs, names, Arrow(top_k=k, temperature=args.temperature), k))
     extra = {"ours": ours, "expert_set": expert_set, "peft_arrow": peft_arrow, "arrow": arrow, "k": k}
     return methods, extra
 
@@ -297,7 +386,8 @@ def run_generation(args, tok, dirs, names, watch: CpuWatch):
                 f"decode {clock.decode:.2f} s)")
     for c in clocks.values():
         c.remove()
-    check = arrow_match(prompts, extra, outputs, tok.pad_token_id, args.new_tokens)
+    check = (arrow_match(prompts, extra, outputs, tok.pad_token_id, args.new_tokens)
+             if extra["peft_arrow"] is not None else None)
     return times, split, outputs, check, extra["k"]
 
 
@@ -499,23 +589,26 @@ def report(args, times, split, outputs, check, k, ret, watch: CpuWatch) -> str:
         rows.append([n, f"{t:.2f}", f"{pre:.2f}", f"{dec:.2f}", f"{gen_tokens / t:.1f}",
                      f"{t / base:.2f}x", f"{base / t:.2f}x", f"{pre_ratio:.2f}x",
                      " ".join(f"{x:.2f}" for x in times[n])])
-    top1, sw = med["ours top-1"], med["PEFT switch"]
+    top1, sw = med["ours top-1"], med.get("PEFT switch")
     top4 = med[f"ours top-{k} mixture"]
-    oa, pa = med[f"ours Arrow top-{k}"], med[f"PEFT Arrow top-{k}"]
-    ms = ret["ms"]
+    oa, pa = med[f"ours Arrow top-{k}"], med.get(f"PEFT Arrow top-{k}")
 
     def met(ok):
         return "met" if ok else "**not met**"
 
-    targets = [
-        ["ours top-1 throughput vs base", ">= 0.80x", f"{base / top1:.2f}x", met(base / top1 >= 0.8)],
-        ["ours top-1 vs PEFT switching, throughput", ">= 3x", f"{sw / top1:.2f}x", met(sw / top1 >= 3)],
-        [f"ours top-{k} mixture time vs ours top-1", "<= 1.5x", f"{top4 / top1:.2f}x", met(top4 / top1 <= 1.5)],
-        [f"ours Arrow vs PEFT Arrow (top-{k} of {args.experts}), speed", ">= 2x", f"{pa / oa:.2f}x",
-         met(pa / oa >= 2)],
-    ] + [[f"retrieval over {ret['size']} adapters, per request, {th} thread{'s' if th > 1 else ''} (short / long requests)",
-          "< 20 ms", f"{ms[(th, 'short')]:.1f} / {ms[(th, 'long')]:.1f} ms",
-          met(max(ms[(th, 'short')], ms[(th, 'long')]) < 20)] for th in (1, 2)]
+    targets = [["ours top-1 throughput vs base", ">= 0.80x", f"{base / top1:.2f}x", met(base / top1 >= 0.8)]]
+    if sw is not None:
+        targets.append(["ours top-1 vs PEFT switching, throughput", ">= 3x", f"{sw / top1:.2f}x", met(sw / top1 >= 3)])
+    targets.append([f"ours top-{k} mixture time vs ours top-1", "<= 1.5x", f"{top4 / top1:.2f}x",
+                    met(top4 / top1 <= 1.5)])
+    if pa is not None:
+        targets.append([f"ours Arrow vs PEFT Arrow (top-{k} of {args.experts}), speed", ">= 2x", f"{pa / oa:.2f}x",
+                        met(pa / oa >= 2)])
+    if ret is not None:
+        ms = ret["ms"]
+        targets += [[f"retrieval over {ret['size']} adapters, per request, {th} thread{'s' if th > 1 else ''} "
+                     "(short / long requests)", "< 20 ms", f"{ms[(th, 'short')]:.1f} / {ms[(th, 'long')]:.1f} ms",
+                     met(max(ms[(th, 'short')], ms[(th, 'long')]) < 20)] for th in (1, 2)]
     diff_base = sum(x != y for a, b in zip(outputs["base"], outputs["ours top-1"]) for x, y in zip(a, b))
     same = {other: sum(a == b for a, b in zip(outputs["ours top-1"], outputs[other])) / args.requests
             for other in ("PEFT switch", "PEFT mixed (loop)", "PEFT mixed (generate)") if other in outputs}
@@ -532,7 +625,7 @@ def report(args, times, split, outputs, check, k, ret, watch: CpuWatch) -> str:
     tiny = " (QUICK SMOKE RUN: not the benchmark setting)" if args.quick else ""
     ret_rows = [[f"{th}", kind, f"{ret['ms'][(th, kind)]:.1f}", f"{ret['enc_ms'][(th, kind)]:.1f}",
                  f"{ret['ms'][(th, kind)] - ret['enc_ms'][(th, kind)]:.1f}", ret["n"][(th, kind)]]
-                for th in (1, 2) for kind in ("short", "long")]
+                for th in (1, 2) for kind in ("short", "long")] if ret is not None else []
     text = f"""# Routing speed, SmolLM2-135M-Instruct{tiny}
 
 Command: `{cmd}`
@@ -563,6 +656,7 @@ repeats (every method once per repeat, in the order of the table), after one sma
 | ours top-{k} mixture | every request {k} experts, weights {', '.join(map(str, TOP4_WEIGHTS[:k]))} (output mixture) |
 | ours Arrow top-{k} | `Arrow(top_k={k}, temperature={args.temperature})` for every request, per token and layer |
 | PEFT Arrow top-{k} | `create_arrow_model` over the same adapter directories, `ArrowConfig(top_k={k}, router_temperature={args.temperature}, use_gks=False)` |
+| routed ... | the same routes through `routing.batch.generate_routed` (the prompts decoded to text and rendered through the chat template, so a little longer; no end token): the engine where the tree has it |
 
 Generated tokens/s counts the {gen_tokens} new tokens only; "time vs base" is the median time over the base's
 (as in DESIGN.md, where PEFT measured mixed 1.98x, switching 5.99x, Arrow 4.00x), "throughput vs base" its
@@ -574,7 +668,9 @@ inverse. Prefill and decode are the summed times of the model's forwards with mo
 ## Targets
 
 {table(["target", "needed", "measured", "result"], targets)}
-
+"""
+    if check is not None:
+        text += f"""
 ## Output checks
 
 - Ours Arrow vs PEFT Arrow, as benchmarked (each with its own prototypes): {arrow_line(check['own'])}
@@ -586,7 +682,9 @@ inverse. Prefill and decode are the summed times of the model's forwards with mo
   inputs, so this checks the routing and mixing arithmetic): {arrow_line(check['shared'])}
 - Ours top-1 vs PEFT with the same adapter, identical sequences: {', '.join(f'{n} {v:.0%}' for n, v in same.items())}.
 - The experts do change the output: {diff_base} of {gen_tokens} tokens generated by ours top-1 differ from the base's.
-
+"""
+    if ret is not None:
+        text += f"""
 ## Retrieval over a library of {ret['size']} adapters
 
 A real `Library` with {ret['size']} small adapters added through `Library.add` (one rank-1 q_proj LoRA file
@@ -628,6 +726,10 @@ def main() -> None:
                     help="redo a measurement during which other processes used more cores than this")
     ap.add_argument("--max-tries", type=int, default=6, help="tries per measurement before keeping a busy one")
     ap.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine each time")
+    ap.add_argument("--skip-peft", action="store_true", help="leave out every PEFT method (and the Arrow output check)")
+    ap.add_argument("--skip-routed", action="store_true", help="leave out the generate_routed methods")
+    ap.add_argument("--skip-retrieval", action="store_true", help="leave out the retrieval part")
+    ap.add_argument("--json", default=None, help="also write the raw figures here (bench/before_after.py reads them)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -651,8 +753,17 @@ def main() -> None:
         names = [d.name for d in dirs]
         watch = CpuWatch(args.quiet_threshold, args.max_wait, args.max_tries)
         times, split, outputs, check, k = run_generation(args, base.tokenizer, dirs, names, watch)
-        ret = run_retrieval(args, tmp / "retrieval", watch)
+        ret = None if args.skip_retrieval else run_retrieval(args, tmp / "retrieval", watch)
     args.load = (load_before, os.getloadavg())
+    if args.json:
+        import modulora
+        Path(args.json).write_text(json.dumps({
+            "modulora": modulora.__file__, "torch": torch.__version__, "cpu": cpu_model(),
+            "times": times, "prefill": {n: [p for p, _ in v] for n, v in split.items()},
+            "decode": {n: [d for _, d in v] for n, v in split.items()}, "outputs": outputs,
+            "retries": watch.retries, "waited_s": watch.waited_s, "others_load": watch.accepted,
+            "flagged": watch.flagged, "args": {k: v for k, v in vars(args).items() if k != "load"},
+        }))
     text = report(args, times, split, outputs, check, k, ret, watch)
     text += f"\nWhole run: {time.perf_counter() - t_start:.0f} s.\n"
     out.parent.mkdir(parents=True, exist_ok=True)

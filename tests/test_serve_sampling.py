@@ -147,3 +147,11 @@ def test_a_sample_of_several_prompts_numbers_choices_as_openai(client):
     r = client.completions.create(model="b", prompt=["one", "two"], n=2, max_tokens=3, temperature=0.5, seed=3)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert len(r.model_extra["routing"]) == 4
+
+
+def test_a_prompt_and_max_tokens_past_the_context_are_refused(client, base):
+    context = base.model.config.max_position_embeddings
+    with pytest.raises(openai.BadRequestError, match=f"context of {context} tokens"):
+        client.completions.create(model="a", prompt=PROMPT, max_tokens=context)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="a", prompt=[5] * (context + 1), max_tokens=1)

@@ -231,6 +231,11 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RoutingError(f"prompt token ids must be integers in [0, {vocab})")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and len(ids) + req.params.max_tokens > context:
+            raise RoutingError(f"the prompt has {len(ids)} tokens and max_tokens is {req.params.max_tokens}: "
+                               f"together more than this model's context of {context} tokens; shorten the prompt "
+                               "or ask for fewer tokens")
         self._split(req)
 
     def _prompt(self, req: EngineRequest) -> tuple[list[int], tuple[int, int] | None]:
