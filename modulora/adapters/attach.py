@@ -1,11 +1,14 @@
 """Attaching one adapter to a base model in place, detaching it, and naming its tensors.
 
 State names follow docs/formats.md: LoRA uses PEFT's names, the others their module paths.
+What was attached (its configuration, and the base's requires_grad flags to restore) is kept on
+the adapter's own modules (its wrappers, or its prefix), never on the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,14 +21,31 @@ from .lora import LoraLinear
 from .prefix import init_prefix
 from .wrap import decoder_layers, replace, wrappers
 
-CONFIG_ATTR = "modulora_adapter"  # the attached AdapterConfig
-_GRAD_ATTR = "_modulora_requires_grad"  # base flags to restore on detach
+_RECORD = "modulora_attached"  # on each of the adapter's modules: its _Attached
+
+
+@dataclass
+class _Attached:
+    """What `detach` needs: the adapter's configuration and the base's requires_grad flags."""
+
+    cfg: AdapterConfig
+    flags: dict[str, bool]
+
+
+def _attached(model: nn.Module) -> _Attached | None:
+    prefix = getattr(model, PREFIX_ATTR, None)
+    if prefix is not None and _RECORD in prefix.__dict__:
+        return prefix.__dict__[_RECORD]
+    for _, mod in wrappers(model):
+        if _RECORD in mod.__dict__:
+            return mod.__dict__[_RECORD]
+    return None
 
 
 def attached_config(model: nn.Module) -> AdapterConfig | None:
     """A copy of the attached adapter's configuration, or None."""
-    cfg = model.__dict__.get(CONFIG_ATTR)
-    return None if cfg is None else dataclasses.replace(cfg)
+    rec = _attached(model)
+    return None if rec is None else dataclasses.replace(rec.cfg)
 
 
 def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
@@ -42,17 +62,19 @@ def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
     prefix = init_prefix(model, cfg.num_virtual_tokens, gen) if cfg.type == "prefix" else None
     for p in model.parameters():
         p.requires_grad_(False)
+    record = _Attached(dataclasses.replace(cfg), flags)
     try:
         for path, original in _targets(model, layers, cfg):
             # new submodules (dropout) start in training mode; follow the base's mode
-            replace(model, path, _wrap(original, path, cfg, gen, model).train(original.training))
+            wrapper = _wrap(original, path, cfg, gen, model).train(original.training)
+            wrapper.__dict__[_RECORD] = record
+            replace(model, path, wrapper)
         if prefix is not None:
+            prefix.__dict__[_RECORD] = record
             setattr(model, PREFIX_ATTR, prefix.train(model.training))
     except Exception:
         _restore(model, flags)
         raise
-    model.__dict__[CONFIG_ATTR] = dataclasses.replace(cfg)
-    model.__dict__[_GRAD_ATTR] = flags
 
 
 def _targets(model: nn.Module, layers: nn.ModuleList, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
@@ -94,12 +116,12 @@ def _wrap(module: nn.Module, path: str, cfg: AdapterConfig, gen: torch.Generator
 
 def detach(model: nn.Module) -> None:
     """Put the original modules back (same objects, same weights) and drop any prefix."""
+    record = _attached(model)
     for name, wrapper in wrappers(model):
         replace(model, name, wrapper.unwrap())
     if hasattr(model, PREFIX_ATTR):
         delattr(model, PREFIX_ATTR)
-    _restore(model, model.__dict__.pop(_GRAD_ATTR, None))
-    model.__dict__.pop(CONFIG_ATTR, None)
+    _restore(model, None if record is None else record.flags)
 
 
 def _restore(model: nn.Module, flags: dict[str, bool] | None) -> None:
