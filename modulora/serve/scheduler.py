@@ -326,7 +326,12 @@ class Scheduler:
             reqs.append(req)
         if not reqs:
             return
-        finished = self.engine.add(reqs)
+        try:
+            finished = self.engine.add(reqs)
+        except RoutingError as e:  # checked one by one above; a batch can still be refused whole
+            for req in reqs:
+                self._fail(self._jobs.pop(id(req), None), APIError(400, str(e)))
+            return
         self.batches += 1
         self.largest_batch = max(self.largest_batch, sum(r.params.n for r in reqs))
         self.metrics.batch(len(reqs), sum(len(r.prompt) for r in reqs))
