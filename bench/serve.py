@@ -7,14 +7,30 @@
    under rotating names and older copies are deleted, plus a few deliberately bad requests (counted
    apart); then failed requests, the server's peak RSS and the library's integrity.
 
+3. Sampling (where the server samples: `--extras`, on by default): 16 clients as in 1, once with
+   temperature 0.7, top_p 0.9 and once with that and n=4 (four samples per request); requests/s,
+   completions/s and generated tokens/s next to the greedy run's.
+
+Every level is measured on a quiet machine (the CpuWatch of bench/routing.py, with the server's CPU
+time counted as ours): it waits until other processes use under `--quiet-threshold` cores and
+measures a level again when they used more meanwhile.
+
+The server is started as `python -m modulora.cli` with this interpreter, from a temporary working
+directory, so that PYTHONPATH decides which modulora runs (bench/before_after.py runs this script
+on the code before the engine too). Every request is a chat completion with one user message: the
+same token sequence on both servers (the old one rendered the last user message through the chat
+template, the new one renders the message list).
+
 The server works on a COPY of the library (the original is untouched). Writes bench/results/serve.md.
 
     python bench/serve.py [--library /tmp/mh/demo/library] [--seconds 40] [--soak-seconds 300] [--quick]
+    python bench/serve.py --levels 1,16 --seconds 20 --soak-seconds 0 --no-extras --json F   # before/after
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -30,6 +46,9 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from routing import CpuWatch  # noqa: E402  (bench/routing.py: the quiet-machine wait)
 
 from modulora.library import Library
 from modulora.report import table
@@ -87,11 +106,14 @@ def pct(xs: list[float], q: float) -> float:
 class Client(threading.Thread):
     """Chat completions for one adapter in a loop until `stop_at`; records latency, tokens, failures."""
 
-    def __init__(self, url: str, model: str, prompts: list[str], stop_at: float, max_tokens: int):
+    def __init__(self, url: str, model: str, prompts: list[str], stop_at: float, max_tokens: int,
+                 extra: dict | None = None):
         super().__init__(daemon=True)
         self.url, self.model, self.prompts, self.stop_at, self.max_tokens = url, model, prompts, stop_at, max_tokens
+        self.extra = extra or {}
         self.latencies: list[float] = []
         self.tokens = 0
+        self.completions = 0  # choices received (n per request)
         self.failures: list[str] = []
 
     def run(self) -> None:
@@ -99,7 +121,7 @@ class Client(threading.Thread):
         with httpx.Client(base_url=self.url, timeout=300) as c:
             while time.perf_counter() < self.stop_at:
                 body = {"model": self.model, "max_tokens": self.max_tokens,
-                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}]}
+                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}], **self.extra}
                 i += 1
                 t = time.perf_counter()
                 try:
@@ -112,12 +134,31 @@ class Client(threading.Thread):
                     self.failures.append(f"{r.status_code}: {r.text[:200]}")
                     continue
                 self.latencies.append(dt)
-                self.tokens += r.json()["usage"]["completion_tokens"]
+                out = r.json()
+                self.tokens += out["usage"]["completion_tokens"]
+                self.completions += len(out["choices"])
 
 
-def run_clients(url, names, prompts, n, seconds, max_tokens):
+class ServerWatch(CpuWatch):
+    """CpuWatch with the server process's CPU time counted as this process's own."""
+
+    def __init__(self, pid: int, *args):
+        super().__init__(*args)
+        self.pid = pid
+
+    def snap(self) -> tuple[float, float, float]:
+        busy, own, t = super().snap()
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            own += (int(fields[11]) + int(fields[12])) / self.hz  # utime, stime
+        except OSError:
+            pass
+        return busy, own, t
+
+
+def run_clients(url, names, prompts, n, seconds, max_tokens, extra=None):
     stop_at = time.perf_counter() + seconds
-    clients = [Client(url, names[i % len(names)], prompts[names[i % len(names)]], stop_at, max_tokens)
+    clients = [Client(url, names[i % len(names)], prompts[names[i % len(names)]], stop_at, max_tokens, extra)
                for i in range(n)]
     t0 = time.perf_counter()
     for c in clients:
@@ -127,12 +168,15 @@ def run_clients(url, names, prompts, n, seconds, max_tokens):
     return clients, time.perf_counter() - t0
 
 
-def throughput(url, names, prompts, levels, seconds, max_tokens):
+def throughput(url, names, prompts, levels, seconds, max_tokens, watch, extra=None, figures=None):
     rows, rps, tps = [], {}, {}
     for n in levels:
-        before = metrics(url)
-        clients, wall = run_clients(url, names, prompts, n, seconds, max_tokens)
-        after = metrics(url)
+        def level():
+            before = metrics(url)
+            clients, wall = run_clients(url, names, prompts, n, seconds, max_tokens, extra)
+            return before, metrics(url), clients, wall
+
+        (before, after, clients, wall), load = watch.measure(f"{n} clients {extra or ''}", level)
         lat = [x for c in clients for x in c.latencies]
         fails = sum(len(c.failures) for c in clients)
         tokens = sum(c.tokens for c in clients)
@@ -144,6 +188,11 @@ def throughput(url, names, prompts, levels, seconds, max_tokens):
                      f"{wall:.1f}", f"{len(lat) / wall:.2f}", f"{tokens / wall:.1f}", f"{pct(lat, 0.5):.2f}",
                      f"{pct(lat, 0.95):.2f}", f"{mean_rows:.2f}", f"{mean_join:.2f}",
                      f"{tokens / max(1, len(lat)):.1f}"])
+        if figures is not None:
+            figures[n] = {"requests": len(lat), "failed": fails, "wall": wall, "rps": len(lat) / wall,
+                          "tps": tokens / wall, "cps": sum(c.completions for c in clients) / wall,
+                          "p50": pct(lat, 0.5), "p95": pct(lat, 0.95), "rows_step": mean_rows,
+                          "joined": mean_join, "tokens_per_request": tokens / max(1, len(lat)), "others_load": load}
         print(rows[-1], flush=True)
         for c in clients:
             for f in c.failures[:3]:
@@ -293,6 +342,15 @@ def main() -> None:
     ap.add_argument("--soak-seconds", type=float, default=300)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="5 s per level, 15 s soak (development)")
+    ap.add_argument("--no-extras", action="store_true", help="leave out the sampling and n=4 runs")
+    ap.add_argument("--temperature", type=float, default=0.7, help="the sampling runs' temperature")
+    ap.add_argument("--top-p", type=float, default=0.9, help="the sampling runs' top_p")
+    ap.add_argument("--n", type=int, default=4, help="samples per request in the n run")
+    ap.add_argument("--quiet-threshold", type=float, default=0.3,
+                    help="measure a level again when other processes used more cores than this meanwhile")
+    ap.add_argument("--max-tries", type=int, default=4)
+    ap.add_argument("--max-wait", type=float, default=300.0, help="seconds to wait for a quiet machine each time")
+    ap.add_argument("--json", default=None, help="also write the raw figures here (bench/before_after.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.md"))
     args = ap.parse_args()
     if args.quick:
@@ -307,15 +365,16 @@ def main() -> None:
     names = [n for n in originals]  # every client a different adapter, cycled
     prompts = {n: prompts_for(n, TASK_OF.get(n)) for n in names}
     export_dir = tmp / "export"
-    subprocess.run(["modulora", "--library", str(lib_path), "library", "export", names[0], str(export_dir)],
-                   check=True)
+    cli = [sys.executable, "-m", "modulora.cli"]  # this interpreter; PYTHONPATH decides which modulora
+    subprocess.run(cli + ["--library", str(lib_path), "library", "export", names[0], str(export_dir)],
+                   check=True, cwd=tmp)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp / "server.log", "w")
     t_start = time.perf_counter()
-    server = subprocess.Popen(["modulora", "--library", str(lib_path), "serve", "--port", str(port),
-                               "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(cli + ["--library", str(lib_path), "serve", "--port", str(port),
+                                     "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     load1 = os.getloadavg()[0]
     try:
         while True:
@@ -331,10 +390,23 @@ def main() -> None:
         print(f"server up in {startup:.1f} s (pid {server.pid}, port {port})", flush=True)
         run_clients(url, names, prompts, len(names), 2, args.max_tokens)  # warm-up, not counted
 
-        rows, rps, tps = throughput(url, names, prompts, levels, args.seconds, args.max_tokens)
+        watch = ServerWatch(server.pid, args.quiet_threshold, args.max_wait, args.max_tries)
+        figures: dict = {"greedy": {}}
+        rows, rps, tps = throughput(url, names, prompts, levels, args.seconds, args.max_tokens, watch,
+                                    figures=figures["greedy"])
         ratio = rps[levels[-1]] / rps[levels[0]] if rps.get(levels[0]) else float("nan")
         tratio = tps[levels[-1]] / tps[levels[0]] if tps.get(levels[0]) else float("nan")
-        s = soak(url, names, prompts, args.soak_seconds, args.max_tokens, export_dir, server.pid, lib_path)
+        extras = {}
+        if not args.no_extras:
+            sampling = {"temperature": args.temperature, "top_p": args.top_p}
+            for label, extra in ((f"temperature {args.temperature}, top_p {args.top_p}", sampling),
+                                 (f"temperature {args.temperature}, top_p {args.top_p}, n={args.n}",
+                                  {**sampling, "n": args.n})):
+                figures[label] = {}
+                throughput(url, names, prompts, [16], args.seconds, args.max_tokens, watch, extra, figures[label])
+                extras[label] = figures[label][16]
+        s = (soak(url, names, prompts, args.soak_seconds, args.max_tokens, export_dir, server.pid, lib_path)
+             if args.soak_seconds > 0 else None)
         final_metrics = httpx.get(f"{url}/metrics", timeout=30).text
         health = httpx.get(f"{url}/health", timeout=10).json()
     finally:
@@ -347,44 +419,79 @@ def main() -> None:
         log.close()
     load2 = os.getloadavg()[0]
     server_errors = [ln for ln in (tmp / "server.log").read_text().splitlines() if "Traceback" in ln or "ERROR" in ln]
-    whole, notes = library_whole(lib_path, s["live"], originals)
+    whole, notes = library_whole(lib_path, s["live"] if s else [], originals)
     five = sum(int(m.group(1)) for m in re.finditer(r'status="5\d\d"\} (\d+)', final_metrics))
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    soak_fail = len(s["fails"]) + len(s["upload_fail"]) + len(s["delete_fail"]) + len(s["probe_fail"])
     mb = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
-    soak_rows = [
-        ["duration", f"{s['wall']:.0f} s (asked {args.soak_seconds:.0f} s)"],
-        ["completion requests (16 clients)", f"{s['requests']} ({s['ok'] / s['wall']:.2f} req/s, "
-                                             f"{s['tokens'] / s['wall']:.1f} gen tokens/s)"],
-        ["latency p50 / p95", f"{pct(s['lat'], 0.5):.2f} / {pct(s['lat'], 0.95):.2f} s"],
-        ["failed completion requests", str(len(s["fails"]))],
-        ["adapter uploads (201) / failed", f"{s['uploads']} / {len(s['upload_fail'])}"],
-        ["requests to a just-uploaded adapter / failed", f"{s['probe']} / {len(s['probe_fail'])}"],
-        ["adapter deletes (200) / failed", f"{s['deletes']} / {len(s['delete_fail'])}"],
-        ["deliberately bad requests / answered with another status than expected",
-         f"{s['bad']} / {len(s['bad_unexpected'])}"],
-        ["5xx answers over the whole run (/metrics)", str(five)],
-        ["server RSS at soak start / end", f"{mb(s['rss_start'])} / {mb(s['rss_end'])}"],
-        ["server peak RSS (VmHWM, whole run incl. throughput part)", mb(s["hwm"])],
-        ["server peak RSS polled during soak (every 0.5 s)", mb(s["rss_peak_polled"])],
-        ["/health after the soak", str(health)],
-        ["library whole afterwards", "yes" if whole else "**no**"],
-    ]
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
-    goals = [
-        [f"{levels[-1]}-client vs {levels[0]}-client throughput", ">= 3x", f"{ratio:.2f}x", met(ratio >= 3)],
-        ["failed requests in the soak (other than the deliberate bad ones)", "0", str(soak_fail),
-         met(soak_fail == 0)],
-        ["library whole after the soak", "yes", "yes" if whole else "no", met(whole)],
-    ]
+    goals = [[f"{levels[-1]}-client vs {levels[0]}-client throughput", ">= 3x", f"{ratio:.2f}x", met(ratio >= 3)]]
+    soak_text = ""
+    if s is not None:
+        soak_fail = len(s["fails"]) + len(s["upload_fail"]) + len(s["delete_fail"]) + len(s["probe_fail"])
+        soak_rows = [
+            ["duration", f"{s['wall']:.0f} s (asked {args.soak_seconds:.0f} s)"],
+            ["completion requests (16 clients)", f"{s['requests']} ({s['ok'] / s['wall']:.2f} req/s, "
+                                                 f"{s['tokens'] / s['wall']:.1f} gen tokens/s)"],
+            ["latency p50 / p95", f"{pct(s['lat'], 0.5):.2f} / {pct(s['lat'], 0.95):.2f} s"],
+            ["failed completion requests", str(len(s["fails"]))],
+            ["adapter uploads (201) / failed", f"{s['uploads']} / {len(s['upload_fail'])}"],
+            ["requests to a just-uploaded adapter / failed", f"{s['probe']} / {len(s['probe_fail'])}"],
+            ["adapter deletes (200) / failed", f"{s['deletes']} / {len(s['delete_fail'])}"],
+            ["deliberately bad requests / answered with another status than expected",
+             f"{s['bad']} / {len(s['bad_unexpected'])}"],
+            ["5xx answers over the whole run (/metrics)", str(five)],
+            ["server RSS at soak start / end", f"{mb(s['rss_start'])} / {mb(s['rss_end'])}"],
+            ["server peak RSS (VmHWM, whole run incl. throughput part)", mb(s["hwm"])],
+            ["server peak RSS polled during soak (every 0.5 s)", mb(s["rss_peak_polled"])],
+            ["/health after the soak", str(health)],
+            ["library whole afterwards", "yes" if whole else "**no**"],
+        ]
+        goals += [
+            ["failed requests in the soak (other than the deliberate bad ones)", "0", str(soak_fail),
+             met(soak_fail == 0)],
+            ["library whole after the soak", "yes", "yes" if whole else "no", met(whole)],
+        ]
+        soak_text = (
+            "## Soak\n\n"
+            f"16 clients as above for {s['wall']:.0f} s. Meanwhile one thread uploads `{names[0]}` (exported with "
+            "`modulora library export`, sent as multipart files) under the names `soak-0`, `soak-1`, ... "
+            "every ~3 s, sends one completion to each new name at once, and deletes all but the two newest; "
+            "another sends a deliberately bad request every 5 s (unknown model -> 404, malformed JSON -> 400, "
+            "a non-adapter file -> 422, not multipart -> 400, delete of an unknown name -> 404, a reserved "
+            "name -> 400), counted apart.\n\n"
+            + table(["what", "measured"], soak_rows)
+            + "\n\nLibrary afterwards (server stopped first):\n\n" + "\n".join(f"- {n}" for n in notes)
+            + (f"\n- server log lines with Traceback/ERROR: {len(server_errors)}\n\n"))
+    extras_text = ""
+    if extras:
+        g = figures["greedy"].get(16)
+        erows = ([["greedy", f"{g['requests']}", f"{g['failed']}", f"{g['rps']:.2f}", f"{g['cps']:.2f}",
+                   f"{g['tps']:.1f}", f"{g['p50']:.2f}", f"{g['p95']:.2f}", f"{g['tokens_per_request']:.1f}"]]
+                 if g else [])
+        erows += [[label, f"{f['requests']}", f"{f['failed']}", f"{f['rps']:.2f}", f"{f['cps']:.2f}", f"{f['tps']:.1f}",
+                   f"{f['p50']:.2f}", f"{f['p95']:.2f}", f"{f['tokens_per_request']:.1f}"]
+                  for label, f in extras.items()]
+        extras_text = (
+            "## Sampling\n\n"
+            f"16 clients as above, {args.seconds:.0f} s each, the same prompts and max_tokens {args.max_tokens}, "
+            "with sampling fields in the body (per request a seed-less sampler); n asks for that many samples "
+            "per request (one prefill, the prompt's KV cache row copied per sample; completions/s counts "
+            "choices). Generated tokens count every choice's tokens (`usage.completion_tokens`). Sampled "
+            "answers differ in length from greedy ones, so compare tokens/s rather than requests/s.\n\n"
+            + table(["16 clients", "requests", "failed", "requests/s", "completions/s", "gen tokens/s",
+                     "p50 s", "p95 s", "gen tokens/request"], erows) + "\n\n")
+    busy = f"; kept although busy: {', '.join(watch.flagged)}" if watch.flagged else ""
     text = (
         "# Serving, SmolLM2-135M-Instruct\n\n"
         f"Command: `MODULORA_HOME=/tmp/mh {cmd_line}`\n\n"
         f"Hardware: {cpu}, {os.cpu_count()} cores, shared by the server and the clients (same machine, "
         f"traffic on 127.0.0.1 only); load average over 1 minute {load1:.2f} at the start, {load2:.2f} at "
-        f"the end. {versions()}.\n\n"
+        f"the end. Each level waited for a quiet machine and was measured again when other processes used over "
+        f"{args.quiet_threshold} cores meanwhile ({watch.retries} retaken, {watch.waited_s:.0f} s waiting; "
+        f"other processes' load during the kept levels: max {max(watch.accepted, default=0):.2f} cores{busy}). "
+        f"{versions()}.\n\n"
         f"Server: `modulora --library COPY serve --port P --log-level warning` as a subprocess (defaults: "
         f"max batch 16, batch wait 10 ms, queue 64), on a copy of `{args.library}` "
         f"({len(originals)} LoRA adapters: {', '.join(originals)}); up in {startup:.0f} s. "
@@ -400,19 +507,16 @@ def main() -> None:
                  "p50 s", "p95 s", "rows/step", "joined/prefill", "gen tokens/request"], rows)
         + f"\n\n{levels[-1]} clients vs {levels[0]}: {ratio:.2f}x the requests/s, {tratio:.2f}x the generated "
         "tokens/s.\n\n"
-        "## Soak\n\n"
-        f"16 clients as above for {s['wall']:.0f} s. Meanwhile one thread uploads `{names[0]}` (exported with "
-        "`modulora library export`, sent as multipart files) under the names `soak-0`, `soak-1`, ... "
-        "every ~3 s, sends one completion to each new name at once, and deletes all but the two newest; "
-        "another sends a deliberately bad request every 5 s (unknown model -> 404, malformed JSON -> 400, "
-        "a non-adapter file -> 422, not multipart -> 400, delete of an unknown name -> 404, a reserved "
-        "name -> 400), counted apart.\n\n"
-        + table(["what", "measured"], soak_rows)
-        + "\n\nLibrary afterwards (server stopped first):\n\n" + "\n".join(f"- {n}" for n in notes)
-        + (f"\n- server log lines with Traceback/ERROR: {len(server_errors)}\n")
-        + "\n## Goals\n\n"
+        + extras_text + soak_text
+        + "## Goals\n\n"
         + table(["goal", "needed", "measured", "result"], goals) + "\n"
     )
+    if args.json:
+        import modulora
+        Path(args.json).write_text(json.dumps({
+            "modulora": modulora.__file__, "cpu": cpu, "versions": versions(), "startup_s": startup,
+            "figures": figures, "retries": watch.retries, "waited_s": watch.waited_s, "flagged": watch.flagged,
+            "server_errors": len(server_errors)}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -297,3 +297,15 @@ def test_experts_of_different_modules_and_ranks_share_the_slots(base, lib, tmp_p
     slot = slots.index("qv")
     eng.experts._evict("qv")
     assert slots.names[slot] is None and not bool(slots.A["model.layers.0.self_attn.q_proj"][slot].any())
+
+
+def test_an_expert_already_in_its_slot_is_not_copied_again(base, lib):
+    eng = new_engine(base, lib)
+    experts = [eng.experts.slots.experts[eng.experts.slots.index(n)] for n in NAMES]
+    version = eng.experts.slots.version
+    eng.use_experts(experts, exclusive=True)  # the same objects: nothing moves
+    assert eng.experts.slots.version == version
+    fresh = load_experts(lib, ["a"], fingerprint=base.fingerprint)  # a new object of the same name: copied
+    eng.use_experts(fresh)
+    assert eng.experts.slots.version > version and eng.experts.slots.experts[eng.experts.slots.index("a")] is fresh[0]
+    eng.release()

@@ -82,9 +82,14 @@ class ResidentExperts:
                 self.misses += len(loaded)
 
     def put(self, experts: list[LoraExpert], keep: set[str] = frozenset()) -> None:
-        """Copy `experts` into slots, evicting least recently used ones not in `keep` for room."""
+        """Copy `experts` into slots (an expert object already in its slot stays), evicting least
+        recently used ones not in `keep` for room."""
         keep = set(keep) | {e.name for e in experts}
         for e in experts:
+            if e.name in self._lru and self.slots.experts[self.slots.index(e.name)] is e:
+                with self._lock:  # already in its slot: nothing to copy
+                    self._lru.move_to_end(e.name)
+                continue
             if self.capacity is not None and e.name not in self._lru and len(self._lru) >= self.capacity:
                 victim = next((n for n in self._lru if n not in keep), None)
                 if victim is None:
