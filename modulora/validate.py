@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import re
@@ -24,14 +23,14 @@ import numpy as np
 
 from .adapters.format import (ALLOWED_FILES, LIMITS, OWN_TYPES, PICKLE_MESSAGE, PICKLE_SUFFIXES, PREFIX_KEYS,
                               FormatError, Limits, bottleneck_sites, expect_shape, lora_modules, lora_spec,
-                              own_settings, parse_bottleneck_key)
+                              own_settings, parse_bottleneck_key, parse_json)
 from .adapters.format import CARD_FILE as CARD
 from .adapters.format import CONFIG_FILE as CONFIG
 from .adapters.format import README_FILE as README
 from .adapters.format import WEIGHTS_FILE as WEIGHTS
 
 __all__ = ["ALLOWED_FILES", "CARD", "CONFIG", "Limits", "PICKLE_MESSAGE", "PICKLE_SUFFIXES", "README", "WEIGHTS",
-           "Validated", "ValidationError", "validate_adapter_dir", "validate_name"]
+           "RESERVED_NAMES", "Validated", "ValidationError", "validate_adapter_dir", "validate_name"]
 
 # Files up to this size are read once into memory: what is checked is then exactly what is stored.
 # Larger ones stay on disk (`files` holds their path) and the library re-hashes them as it copies.
@@ -44,7 +43,11 @@ _DTYPES = {
     "BF16": (2, "<u2", 0x7F80, "bfloat16"),
     "F32": (4, "<u4", 0x7F800000, "float32"),
 }
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")  # so no route syntax either: no , : @ or spaces
+# Route words (modulora.routing.api POLICIES and "base"): an adapter of such a name could never be
+# chosen by a route, so no one (CLI, server, build, merge) may add one. tests/test_names.py checks
+# that this is the server's SPECIAL_MODELS.
+RESERVED_NAMES = ("base", "arrow", "retrieval", "learned", "uniform")
 
 
 class ValidationError(ValueError):
@@ -64,7 +67,10 @@ class Validated:
 
 
 def validate_name(name: str) -> str:
-    """Return `name` if it is a safe adapter name, else raise ValidationError."""
+    """Return `name` if it is a safe adapter name, not a reserved route word, else raise ValidationError."""
+    if isinstance(name, str) and name in RESERVED_NAMES:
+        raise ValidationError(f"adapter name {name!r} is reserved: it is a route ({', '.join(RESERVED_NAMES)}), "
+                              "so no route could reach an adapter of that name; choose another name")
     if (not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name.startswith((".", "-"))
             or ".." in name):
         raise ValidationError(
@@ -114,9 +120,11 @@ def _json_object(data: bytes, filename: str) -> dict:
         return dict(pairs)
 
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=no_dupes)
-    except (UnicodeDecodeError, ValueError) as e:
+        obj = parse_json(data.decode("utf-8"), filename, object_pairs_hook=no_dupes)
+    except UnicodeDecodeError as e:
         raise ValidationError(f"{filename} is not valid JSON: {e}") from None
+    except FormatError as e:
+        raise ValidationError(str(e)) from None
     if not isinstance(obj, dict):
         raise ValidationError(f"{filename} must hold a JSON object, not {type(obj).__name__}")
     return obj

@@ -8,6 +8,7 @@ others can use. It imports neither torch nor numpy: tensors are described by the
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -53,6 +54,30 @@ LIMITS = Limits()
 
 class FormatError(ValueError):
     """An adapter does not follow the format; the message names the file, key or option."""
+
+
+MAX_JSON_DEPTH = 64  # arrays/objects inside each other in adapter_config.json, card.json, a safetensors header
+
+
+def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH, **kw):
+    """`json.loads(text, **kw)` for the file `what`, nested at most `max_depth` arrays/objects
+    deep; FormatError naming `what` otherwise, or when it is not JSON (never a RecursionError)."""
+    try:
+        obj = json.loads(text, **kw)
+    except RecursionError:
+        obj, deep = None, True
+    except ValueError as e:  # also UnicodeDecodeError and errors of an object_pairs_hook
+        raise FormatError(f"{what} is not valid JSON: {e}") from None
+    else:
+        deep, stack = False, [(obj, 1)]
+        while stack and not deep:
+            value, depth = stack.pop()
+            if isinstance(value, (dict, list)):
+                deep = depth > max_depth
+                stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    if deep:
+        raise FormatError(f"{what} is nested deeper than {max_depth} levels of arrays and objects")
+    return obj
 
 
 # -- checks of single values ------------------------------------------------------------------------

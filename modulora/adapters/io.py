@@ -14,7 +14,8 @@ from torch import nn
 
 from .attach import adapter_state, attach, attached_config, detach
 from .config import AdapterConfig, AdapterError
-from .format import CARD_FILE, CONFIG_FILE, OWN_FIELDS, PICKLE_SUFFIXES, WEIGHTS_FILE, FormatError, own_settings
+from .format import (CARD_FILE, CONFIG_FILE, OWN_FIELDS, PICKLE_SUFFIXES, WEIGHTS_FILE, FormatError, own_settings,
+                     parse_json)
 from .peft_format import from_peft_json, peft_key, to_peft_json
 
 
@@ -96,9 +97,11 @@ def _read_json(p: Path, required: bool) -> dict | None:
             raise AdapterError(f"{p.parent} has no {p.name}; not an adapter directory")
         return None
     try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = parse_json(p.read_text(), str(p))
+    except (OSError, UnicodeDecodeError) as e:
         raise AdapterError(f"{p} is not valid JSON: {e}") from None
+    except FormatError as e:
+        raise AdapterError(str(e)) from None
     if not isinstance(data, dict):
         raise AdapterError(f"{p} must hold a JSON object, found {type(data).__name__}")
     return data

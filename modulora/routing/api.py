@@ -11,6 +11,9 @@ The policies route among the library's LoRA adapters only.
 
 from __future__ import annotations
 
+import math
+import sys
+
 from .arrow import Arrow
 from .batch import generate_routed
 from .requests import Answer, EngineRequest, SamplingParams
@@ -21,7 +24,8 @@ POLICIES = ("arrow", "retrieval", "learned", "uniform")
 
 
 def parse_fixed(spec: str) -> dict[str, float]:
-    """`a,b` -> equal weights; `a:0.7,b:0.3` -> those weights (normalised later by the layer)."""
+    """`a,b` -> equal weights; `a:0.7,b:0.3` -> those weights (normalised later by the layer).
+    Weights must be finite and > 0, none so small beside the others that it underflows."""
     route: dict[str, float] = {}
     for part in spec.split(","):
         name, _, weight = part.strip().partition(":")
@@ -34,6 +38,11 @@ def parse_fixed(spec: str) -> dict[str, float]:
     total = sum(route.values())
     if total <= 0 or any(w <= 0 for w in route.values()):
         raise RoutingError(f"route {spec!r}: weights must be positive")
+    tiny = 1.1754943508222875e-38  # float32's smallest normal number: the layers weigh in float32 or less
+    for name, w in route.items():
+        if not (math.isfinite(w) and math.isfinite(total) and w >= sys.float_info.min and w / total >= tiny):
+            raise RoutingError(f"bad weight {w!r} for adapter {name} in route {spec!r}: weights (and their sum) must "
+                               f"be finite, normal numbers, each at least {tiny:.3g} of their sum")
     return {n: w / total for n, w in route.items()}
 
 

@@ -2,7 +2,8 @@
 
     modulora serve --library PATH --host 127.0.0.1 --port 8000 [--api-key KEY] [--base B]
                    [--max-resident-experts N] [--request-timeout S] [--log-format json|text]
-                   [--allowed-adapter-dir DIR ...]
+                   [--allowed-adapter-dir DIR ...] [--max-tokens N] [--max-prompts N] [--max-messages N]
+                   [--max-body-mb MB]
 
 Endpoints: `GET /health`, `GET /metrics`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 `POST /v1/chat/completions`, `POST /v1/adapters`, `GET /v1/adapters/{name}`, `DELETE /v1/adapters/{name}`,
@@ -48,6 +49,12 @@ Requests:
 - Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: unknown model or
   adapter -> 404, malformed JSON and other bad input -> 400, full queue -> 429 with Retry-After,
   missing or wrong API key (when one is set) -> 401, past the timeout -> 504 (below).
+- Bounds, checked before any model work (400 naming both numbers): `--max-tokens` (default 4096)
+  for max_tokens / max_completion_tokens (an omitted one gets the smaller of its default and this),
+  `--max-prompts` (64) prompts per completions request (and never more than `--queue-size`),
+  `--max-messages` (512) messages per chat; `--max-body-mb` (8) bounds a JSON body (413).
+- Text that is not valid Unicode (a lone surrogate such as JSON's "\\ud800") and route weights that
+  are not finite or underflow (`a:1e-320,b:1`) are 400 naming them.
 
 Scheduling (continuous batching, `modulora.routing.engine`): one worker thread owns the model.
 Each prompt is one item in a bounded queue (full -> 429). Between two decode steps the worker

@@ -27,8 +27,8 @@ from .metrics import Metrics, endpoint_of
 from ..routing.api import parse_fixed
 from ..routing.experts import RoutingError
 from .protocol import (SPECIAL_MODELS, ChatBody, CompletionBody, DetokenizeBody, LoadLoRABody, TokenizeBody,
-                       UnloadLoRABody, _error, chat_messages, chat_params, completion_params,
-                       completion_prompts)
+                       UnloadLoRABody, _error, chat_messages, chat_params, check_bounds, check_text,
+                       completion_params, completion_prompts)
 from .request_log import log_request
 from .scheduler import Scheduler
 from .serving import Serving
@@ -93,17 +93,69 @@ class _Gate:
             log_request(fields)
 
 
+class _BodyLimit:
+    """Plain ASGI middleware: the JSON endpoints' request bodies are refused with 413 past
+    `limit` bytes, by their Content-Length before reading, else as counted while reading (a
+    chunked body declares none); the body read is then handed to the app. Adapter uploads
+    (`POST /v1/adapters`) have their own limit and pass untouched."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS")
+                or scope["path"] == "/v1/adapters"):
+            await self.app(scope, receive, send)
+            return
+        too_big = _error(413, f"the request body is larger than this server's limit of {self.limit} bytes "
+                              "(--max-body-mb)", code="request_too_large")
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _error(400, "bad Content-Length")(scope, receive, send)
+                return
+            if int(length) > self.limit:
+                await too_big(scope, receive, send)
+                return
+        chunks, total, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: the app sees that after the body
+                break
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.limit:
+                await too_big(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": more}]
+        if more:
+            pending.append(message)
+        del chunks
+
+        async def replay():
+            return pending.pop(0) if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(base, library, api_key: str | None = None, max_batch: int = 16, batch_wait_ms: float = 10,
                queue_size: int = 64, max_upload_bytes: int = 256 << 20, max_resident_experts: int | None = None,
                request_timeout: float | None = 300.0, prefix_cache: int = 32,
-               allowed_adapter_dirs: Iterable[str | os.PathLike] | None = None) -> FastAPI:
+               allowed_adapter_dirs: Iterable[str | os.PathLike] | None = None, max_tokens: int = 4096,
+               max_prompts: int = 64, max_messages: int = 512, max_body_bytes: int = 8 << 20) -> FastAPI:
     """The FastAPI app; its worker thread starts and stops with the app's lifespan.
 
     `max_upload_bytes` bounds an adapter upload's request body and, separately, the unpacked
     size of an uploaded archive; `max_resident_experts` the LoRA experts in memory (None: no
     bound); `request_timeout` a request's seconds (None: no limit; a request may ask for less);
     `prefix_cache` the routes whose chat-template KV is kept (0: none); `allowed_adapter_dirs`
-    the directories `POST /v1/load_lora_adapter` may load from (None or empty: that endpoint is off)."""
+    the directories `POST /v1/load_lora_adapter` may load from (None or empty: that endpoint is off);
+    `max_tokens` the tokens a request may ask to generate, `max_prompts` the prompts of a
+    completions request, `max_messages` the messages of a chat, `max_body_bytes` the body of a
+    JSON request (more -> 400, 400, 400, 413)."""
+    if min(max_tokens, max_prompts, max_messages, max_body_bytes) < 1:
+        raise ValueError("max_tokens, max_prompts, max_messages and max_body_bytes must be at least 1")
     if request_timeout is not None and request_timeout <= 0:
         raise ValueError("request_timeout must be > 0 (None: no limit)")
     allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_adapter_dirs or ()]
@@ -127,7 +179,8 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     app = FastAPI(title="modulora", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.metrics = metrics
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)  # added last: the outer one
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -245,12 +298,15 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     async def tokenize(body: TokenizeBody):
         await check_model(body.model)
         if body.messages is not None:
+            if len(body.messages) > max_messages:
+                raise APIError(400, f"messages holds {len(body.messages)} messages; this server takes at most "
+                                    f"{max_messages} per request", param="messages")
             messages = chat_messages(body)
             text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False,
                                            add_generation_prompt=body.add_generation_prompt)
             special = bool(body.add_special_tokens)
         else:
-            text, special = body.prompt, body.add_special_tokens is not False
+            text, special = check_text(body.prompt, "prompt"), body.add_special_tokens is not False
         ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=special)
         out = {"count": len(ids), "max_model_len": max_len, "tokens": ids}
         if body.return_token_strs:
@@ -330,12 +386,14 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest, body: CompletionBody):
         note(request, body)
+        check_bounds(body, max_tokens, max_prompts)
         completion_prompts(body), completion_params(body)  # checked here whatever the handler reads
         return await serving.completions(request, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest, body: ChatBody):
         note(request, body)
+        check_bounds(body, max_tokens, max_messages)
         chat_messages(body), chat_params(body)
         return await serving.chat(request, body)
 
@@ -421,7 +479,9 @@ def cmd_serve(args) -> None:
                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                      max_resident_experts=args.max_resident_experts or None,
                      request_timeout=args.request_timeout or None, prefix_cache=args.prefix_cache,
-                     allowed_adapter_dirs=args.allowed_adapter_dirs)
+                     allowed_adapter_dirs=args.allowed_adapter_dirs, max_tokens=args.max_tokens,
+                     max_prompts=args.max_prompts, max_messages=args.max_messages,
+                     max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 
@@ -454,6 +514,15 @@ def add_serve_command(subparsers) -> None:
     s.add_argument("--queue-size", type=at_least(1), default=64, help="waiting requests at most (more -> 429)")
     s.add_argument("--max-upload-mb", type=at_least(0, float), default=256,
                    help="largest adapter upload, and largest unpacked archive, in MiB (more -> 413)")
+    s.add_argument("--max-tokens", type=at_least(1), default=4096,
+                   help="tokens a request may ask to generate at most (max_tokens, max_completion_tokens; "
+                        "more -> 400)")
+    s.add_argument("--max-prompts", type=at_least(1), default=64,
+                   help="prompts per completions request at most (more -> 400)")
+    s.add_argument("--max-messages", type=at_least(1), default=512,
+                   help="messages per chat request at most (more -> 400)")
+    s.add_argument("--max-body-mb", type=at_least(0, float), default=8,
+                   help="largest JSON request body in MiB (more -> 413; uploads: --max-upload-mb)")
     s.add_argument("--max-resident-experts", type=at_least(0), default=0,
                    help="LoRA experts kept in memory at most, least recently used evicted (0: no bound)")
     s.add_argument("--request-timeout", type=at_least(0, float), default=300,

@@ -28,8 +28,9 @@ anyway), and the answer carries the HTTP header
 changed, so strict response parsers are not disturbed). Bodies keep such notes in `warnings`.
 
 Defaults: temperature 0 (greedy; reproducible answers); max_tokens 16 for completions (OpenAI's)
-and 128 for chat. `completion_params` / `chat_params` give the `SamplingParams` of a body;
-`chat_messages` the checked message list for the tokenizer's chat template.
+and 128 for chat, each at most the server's `--max-tokens` (`check_bounds`, which also bounds the
+prompts and messages of a request). `completion_params` / `chat_params` give the `SamplingParams`
+of a body; `chat_messages` the checked message list for the tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -258,15 +259,50 @@ def chat_params(body: ChatBody) -> SamplingParams:
     return _params(body, CHAT_MAX_TOKENS if limit is None else limit, logprobs, False)
 
 
+def check_text(text: str, param: str) -> str:
+    """`text`, or 400 naming `param` when it is not valid Unicode (a lone surrogate, such as
+    JSON's "\\ud800", which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}); "
+                            "text must be valid Unicode", param=param) from None
+    return text
+
+
+def check_bounds(body: _Body, max_tokens: int, max_items: int) -> None:
+    """400 when a body asks for more than the server's `max_tokens`, or holds more prompts
+    (completions) or messages (chat) than `max_items`; a body that leaves max_tokens out gets
+    the default or `max_tokens`, whichever is smaller."""
+    if isinstance(body, ChatBody):
+        items, what, param = len(body.messages), "messages", "messages"
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        default = CHAT_MAX_TOKENS
+    else:
+        items, what, param = len(completion_prompts(body)), "prompts", "prompt"
+        field, default = "max_tokens", COMPLETION_MAX_TOKENS
+    if items > max_items:
+        raise APIError(400, f"{param} holds {items} {what}; this server takes at most {max_items} per request",
+                       param=param)
+    asked = getattr(body, field)
+    if asked is None:
+        body.max_tokens = min(default, max_tokens)
+    elif asked > max_tokens:
+        raise APIError(400, f"{field} is {asked}; this server generates at most {max_tokens} tokens per request",
+                       param=field)
+
+
 def completion_prompts(body: CompletionBody) -> list[str | list[int]]:
     """The prompts of a completions request, one per choice: each text or token ids (raw, no
-    template). 400 for an empty batch or an empty list of token ids."""
+    template). 400 for an empty batch, an empty list of token ids or text that is not valid Unicode."""
     p = body.prompt
     prompts: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
     if not prompts:
         raise APIError(400, "prompt is empty", param="prompt")
     for ids in prompts:
-        if isinstance(ids, list):
+        if isinstance(ids, str):
+            check_text(ids, "prompt")
+        elif isinstance(ids, list):
             if not ids:
                 raise APIError(400, "prompt holds an empty list of token ids", param="prompt")
             if min(ids) < 0:
@@ -316,6 +352,7 @@ def chat_messages(body) -> list[dict]:
             if role != "assistant":
                 raise APIError(400, f"{where} has no content", param=f"{where}.content")
             content = ""
+        check_text(content, f"{where}.content")
         out.append({"role": role, "content": content})
     return out
 
@@ -372,4 +409,4 @@ class UnloadLoRABody(BaseModel):
 
 __all__ = ["SPECIAL_MODELS", "UNSUPPORTED", "CompletionBody", "ChatBody", "ChatMessage", "StreamOptions",
            "TokenizeBody", "DetokenizeBody", "LoadLoRABody", "UnloadLoRABody", "completion_params",
-           "chat_params", "completion_prompts", "chat_messages", "json_dumps"]
+           "chat_params", "completion_prompts", "chat_messages", "check_bounds", "check_text", "json_dumps"]

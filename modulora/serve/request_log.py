@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -32,14 +33,29 @@ class JsonLines(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+_BARE = re.compile(r"[A-Za-z0-9_.,/:@+-]+")  # what a text-log value may be without quotes
+
+
+def text_value(value) -> str:
+    """One value of the text log as a single token that cannot end the line or fake a key: a
+    plain string (or key) stays bare; a number, bool or null is its JSON; anything else is JSON,
+    and JSON-quoted again when it holds a space or `=` (JSON escapes every control character
+    and, ASCII only, every line separator)."""
+    if isinstance(value, str):
+        return value if _BARE.fullmatch(value) else json.dumps(value)
+    text = json.dumps(value, default=str, separators=(",", ":"))
+    if isinstance(value, (bool, int, float)) or value is None or (" " not in text and "=" not in text):
+        return text
+    return json.dumps(text)
+
+
 class KeyValues(logging.Formatter):
-    """A record as `TIME LEVEL event key=value ...` (values with spaces are JSON-quoted)."""
+    """A record as `TIME LEVEL event key=value ...`; values are escaped by `text_value`."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [self.formatTime(record), record.levelname.lower(), record.getMessage()]
+        parts = [self.formatTime(record), record.levelname.lower(), text_value(record.getMessage())]
         for k, v in getattr(record, _FIELDS, {}).items():
-            text = json.dumps(v, default=str, separators=(",", ":")) if not isinstance(v, str) or " " in v else v
-            parts.append(f"{k}={text}")
+            parts.append(f"{text_value(str(k))}={text_value(v)}")
         return " ".join(parts)
 
 
@@ -71,4 +87,4 @@ def log_request(fields: dict) -> None:
     logging.getLogger(LOGGER).log(level, "request", extra={_FIELDS: fields})
 
 
-__all__ = ["configure", "log_request", "JsonLines", "KeyValues", "LOGGER", "FORMATS"]
+__all__ = ["configure", "log_request", "text_value", "JsonLines", "KeyValues", "LOGGER", "FORMATS"]

@@ -131,7 +131,11 @@ class Scheduler:
         return self.queue.qsize() + len(self.deferred)
 
     def submit(self, items: list[_Item]) -> None:
-        """Queue all items or none of them (429 when the queue cannot take them all)."""
+        """Queue all items or none of them: 429 when the queue cannot take them all now, 400 when
+        it never could (more items than it holds)."""
+        if len(items) > self.queue.maxsize:
+            raise APIError(400, f"prompt holds {len(items)} prompts; this server queues at most {self.queue.maxsize} "
+                                "(--queue-size)", param="prompt")
         if not self.alive:
             raise APIError(503, "the server is not running", "server_error")
         with self.queue.mutex:

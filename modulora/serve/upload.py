@@ -274,8 +274,9 @@ def adapter_files(files: list[tuple[str, bytes]], limit: int) -> dict[str, bytes
     return out
 
 
-def check_upload_name(name: str, reserved: tuple[str, ...]) -> str:
-    """The adapter name of an upload form, stripped; 400 when missing, unsafe or reserved."""
+def check_upload_name(name: str, reserved: tuple[str, ...] = ()) -> str:
+    """The adapter name of an upload form, stripped; 400 when missing, unsafe or reserved (the
+    library's RESERVED_NAMES, checked by validate_name, plus any names in `reserved`)."""
     from ..validate import ValidationError, validate_name
 
     name = name.strip()
