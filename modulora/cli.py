@@ -302,6 +302,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+STORAGE_ERRNOS = {"ENOSPC": "full", "EDQUOT": "full", "EROFS": "read-only"}
+STORAGE_WORDS = {"full": "no space left on device", "read-only": "read-only file system"}
+
+
+def storage_problem(exc: BaseException) -> tuple[str, str | None] | None:
+    """("full" | "read-only", the path when known) when `exc`, or an exception it was raised
+    from, is a full disk or quota (ENOSPC, EDQUOT), a read-only file system (EROFS), or SQLite
+    saying so; None otherwise. Stdlib only (the server uses it too)."""
+    import errno
+    import sqlite3
+
+    codes = {getattr(errno, n): kind for n, kind in STORAGE_ERRNOS.items() if hasattr(errno, n)}
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in codes:
+            return codes[exc.errno], None if exc.filename is None else str(exc.filename)
+        if isinstance(exc, sqlite3.Error):
+            text = str(exc).lower()
+            if "disk is full" in text:
+                return "full", None
+            if "readonly database" in text or "read-only" in text:
+                return "read-only", None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; known errors print one clear line and exit 2, never a traceback."""
     import os
@@ -314,9 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # storage errors anywhere in a command; other errors as before
+        problem = storage_problem(e)
+        if problem is not None:
+            path = problem[1] or getattr(args, "library", None) or os.path.join(
+                os.environ.get("MODULORA_HOME") or os.path.expanduser("~/.modulora"), "library")
+            print(f"error: cannot write ({STORAGE_WORDS[problem[0]]}): {path}", file=sys.stderr)
+            return 2
+        if isinstance(e, (ValueError, FileNotFoundError, PermissionError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .experts import ExpertSet, LoraExpert, RoutingError
+from .experts import ExpertSet, LoraExpert, RoutingError, cache_derived
 
 ARROW_KIND = "arrow-v1"
 
@@ -132,7 +132,7 @@ def expert_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
     if protos is None:
         protos = compute_prototypes(expert)
         if expert.library is not None and expert.object_id:
-            expert.library.put_derived(expert.object_id, ARROW_KIND, st_save(protos))
+            cache_derived(expert.library, expert.object_id, ARROW_KIND, st_save(protos))
     return protos
 
 

@@ -107,6 +107,20 @@ def check_base(name: str, base_id: str | None, card: dict | None, fingerprint: d
                            f"this base is {fingerprint.get('id')})")
 
 
+def cache_derived(library, object_id: str, kind: str, blob: bytes) -> None:
+    """Store derived data (Arrow prototypes, retrieval vectors) in the library's cache; a cache
+    that cannot be written (disk full, read-only storage, the adapter removed meanwhile) costs a
+    recomputation next time, never the request."""
+    import sqlite3
+
+    try:
+        library.put_derived(object_id, kind, blob)
+    except ValueError:  # the adapter was removed while we computed it: nothing to cache
+        pass
+    except (OSError, sqlite3.Error) as e:
+        logging.getLogger("modulora").warning("could not cache %s for %s: %s", kind, object_id, e)
+
+
 def normalise_route(route: dict[str, float], check_name) -> dict[str, float]:
     """A sequence-level route checked (`check_name(name)` raises for unknown names; finite weights
     > 0) and scaled to sum 1. Shared by the LoRA expert set and the other adapter families."""

@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .embed import default_embedder
-from .experts import RoutingError
+from .experts import RoutingError, cache_derived
 
 KIND_PREFIX = "retrieval:"
 WEIGHTINGS = ("uniform", "softmax")
@@ -188,10 +188,7 @@ class RetrievalRouter:
         for oid, (a, b) in spans.items():
             v = torch.nn.functional.normalize(emb[a:b].mean(0), dim=0)
             self._vectors[oid] = v
-            try:
-                self.library.put_derived(oid, self.kind, _encode_vector(v, self.embedder.id, b - a))
-            except ValueError:  # the adapter was removed while we embedded it: nothing to cache
-                pass
+            cache_derived(self.library, oid, self.kind, _encode_vector(v, self.embedder.id, b - a))
 
     def scores(self, texts: list[str]) -> torch.Tensor:
         """Cosine similarity [len(texts), N] between the requests and the adapters (index order)."""

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
+import sqlite3
+import threading
 import re
 import time
 import uuid
@@ -29,9 +32,119 @@ from ..routing.experts import RoutingError
 from .protocol import (SPECIAL_MODELS, ChatBody, CompletionBody, DetokenizeBody, LoadLoRABody, TokenizeBody,
                        UnloadLoRABody, _error, chat_messages, chat_params, check_bounds, check_text,
                        completion_params, completion_prompts)
+from ..cli import STORAGE_WORDS, storage_problem
 from .request_log import log_request
 from .scheduler import Scheduler
 from .serving import Serving
+
+
+_log = logging.getLogger("modulora.serve")
+MIN_FREE_BYTES = 64 << 20  # /health says the storage is full below this much free space
+
+
+class Storage:
+    """What the server knows of its library's storage, for /health: a write that failed with a
+    full disk or quota (ENOSPC, EDQUOT) or a read-only file system (EROFS) marks it "full" or
+    "read-only" until a later write succeeds; `state()` also looks at the file system itself
+    (statvfs: read-only mount, or less than `min_free` bytes free)."""
+
+    def __init__(self, root, min_free: int = MIN_FREE_BYTES):
+        self.root, self.min_free = str(root), min_free
+        self.problem: str | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, problem: str, exc: BaseException, what: str) -> None:
+        with self._lock:
+            self.problem = problem
+        _log.warning("storage %s (%s): %s failed: %s", problem, STORAGE_WORDS[problem], what, exc)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.problem = None
+
+    def state(self) -> dict:
+        out = {"storage": self.problem or "ok"}
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return out
+        free = st.f_bavail * st.f_frsize
+        out["storage_free_bytes"] = free
+        if st.f_flag & getattr(os, "ST_RDONLY", 1):
+            out["storage"] = "read-only"
+        elif free < self.min_free and out["storage"] == "ok":
+            out["storage"] = "full"
+        return out
+
+
+class GuardedLibrary:
+    """The library as the server uses it: a full or read-only disk fails writes (their error
+    goes on, the handler answers 507) but never a read or a completion: derived-data cache
+    writes (Arrow prototypes, retrieval embeddings) are skipped with a warning, a failed cache
+    read is a miss, and the adapter lists fall back to the last ones read. Every outcome is
+    reported to `storage`. Other attributes are the library's own."""
+
+    _LISTS = ("list", "latest_object_ids")
+
+    def __init__(self, library, storage: Storage):
+        self._library, self._storage = library, storage
+        self._last: dict[str, object] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._library, name)
+
+    def _problem(self, exc: BaseException, what: str) -> bool:
+        problem = storage_problem(exc)
+        if problem is None:
+            return False
+        self._storage.failed(problem[0], exc, what)
+        return True
+
+    def add(self, *args, **kwargs):
+        return self._write("add", *args, **kwargs)
+
+    def remove(self, *args, **kwargs):
+        return self._write("remove", *args, **kwargs)
+
+    def _write(self, op: str, *args, **kwargs):
+        try:
+            out = getattr(self._library, op)(*args, **kwargs)
+        except Exception as e:
+            self._problem(e, f"library {op}")
+            raise
+        self._storage.succeeded()
+        return out
+
+    def put_derived(self, object_id: str, kind: str, value) -> None:
+        try:
+            self._library.put_derived(object_id, kind, value)
+        except Exception as e:
+            if not self._problem(e, f"caching {kind} for {object_id[:16]} (computed, not cached)"):
+                raise
+
+    def get_derived(self, object_id: str, kind: str):
+        try:
+            return self._library.get_derived(object_id, kind)
+        except Exception as e:
+            if not self._problem(e, f"reading cached {kind} (recomputed)"):
+                raise
+            return None
+
+    def list(self):
+        return self._read("list")
+
+    def latest_object_ids(self):
+        return self._read("latest_object_ids")
+
+    def _read(self, op: str):
+        try:
+            out = getattr(self._library, op)()
+        except Exception as e:
+            if op not in self._last or not self._problem(e, f"library {op} (served the last one read)"):
+                raise
+            return self._last[op]
+        self._last[op] = out
+        return out
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -162,6 +275,22 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     for d in allowed_dirs:
         if not d.is_dir():
             raise ValueError(f"allowed adapter directory {str(d)!r} is not a directory")
+    storage = Storage(library.root)
+    library = GuardedLibrary(library, storage)
+    for op in GuardedLibrary._LISTS:  # read once: what reads fall back to if the disk fails later
+        try:
+            getattr(library, op)()
+        except Exception as e:
+            if storage_problem(e) is None:
+                raise
+    staging = upload.staging_dir(library)
+    try:
+        removed = upload.clean_staging(staging)  # uploads a killed server left behind
+    except OSError as e:  # a read-only library: nothing can be removed (nor staged)
+        removed = 0
+        _log.warning("cannot clean the upload staging folder %s: %s", staging, e)
+    if removed:
+        _log.info("removed %d upload staging folder(s) left by a stopped server in %s", removed, staging)
     scheduler = Scheduler(base, library, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
                           max_resident_experts=max_resident_experts, prefix_cache=prefix_cache)
     metrics = scheduler.metrics
@@ -179,6 +308,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     app = FastAPI(title="modulora", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.metrics = metrics
+    app.state.storage = storage
     app.add_middleware(_BodyLimit, limit=max_body_bytes)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)  # added last: the outer one
 
@@ -202,6 +332,18 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         return _error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500
                       else "server_error")
 
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.Error)
+    async def _storage_error(request, exc: Exception):
+        """A full disk or quota, or a read-only file system -> 507 naming it; other errors -> 500."""
+        problem = storage_problem(exc)
+        if problem is None:
+            raise exc
+        storage.failed(problem[0], exc, f"{request.method} {request.url.path}")
+        return _error(507, f"the server's adapter library cannot be written ({STORAGE_WORDS[problem[0]]}); "
+                           "nothing was changed, reads and completions still work", "server_error",
+                      code="insufficient_storage")
+
     @app.exception_handler(Exception)
     async def _internal_error(request, exc: Exception):
         return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
@@ -211,8 +353,12 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
 
     @app.get("/health")
     async def health():
+        """200 "ok"; 200 "degraded" when the library's storage is full or read-only (uploads and
+        deletes answer 507, reads and completions work); 503 "stopped" when the worker is not."""
         alive = scheduler.alive
-        return JSONResponse({"status": "ok" if alive else "stopped", "queued": scheduler.waiting(),
+        disk = await asyncio.to_thread(storage.state)
+        status = "stopped" if not alive else "ok" if disk["storage"] == "ok" else "degraded"
+        return JSONResponse({"status": status, **disk, "queued": scheduler.waiting(),
                              "running": len(scheduler.engine.rows)}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
@@ -233,7 +379,8 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
             request.state.log["adapter"] = name
             adapter_files = await asyncio.to_thread(upload.adapter_files, files, max_upload_bytes)
             del files
-            rec = await asyncio.to_thread(upload.add_to_library, library, name, adapter_files, base.fingerprint)
+            rec = await asyncio.to_thread(upload.add_to_library, library, name, adapter_files, base.fingerprint,
+                                          staging)
             created = True
         finally:
             metrics.upload(created)

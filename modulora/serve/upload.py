@@ -11,7 +11,8 @@ level or in one folder. The body is capped (Content-Length checked first, bytes 
 byte, zip sizes are summed first and counted again as read; members that are links, devices,
 absolute, hold `..`, nest deeper than one folder, or number more than MAX_ARCHIVE_MEMBERS are
 refused (400 `unsafe_archive`); only the allowed file names are written, by this code, into a
-fresh temp dir (never `extractall`); other names -> 422. Then the library validates the adapter
+fresh staging dir (never `extractall`; see `staging_dir`, leftovers of killed servers are
+removed at start-up by `clean_staging`); other names -> 422. Then the library validates the adapter
 as for `modulora library add`.
 """
 
@@ -217,17 +218,91 @@ def archive_files(filename: str, data: bytes, limit: int) -> dict[str, bytes]:
     return out
 
 
-def write_upload(files: dict[str, bytes]) -> str:
-    """A fresh temp dir holding exactly `files` (plain names, checked by the caller)."""
+STAGING_PREFIX = "upload-"  # <library>/staging/upload-<pid>-<random>: an upload being written
+
+
+def staging_dir(library) -> str:
+    """Where uploads are staged: `staging/` in the library's folder (the library's own `tmp/` is
+    emptied by any process's gc, which would pull files from under an upload in flight), so
+    a full or read-only library fails the upload at once and leftovers stay with their library."""
     import os
+
+    return os.path.join(str(library.root), "staging")
+
+
+def _started_at(pid: int) -> float | None:
+    """When process `pid` started (epoch seconds, from /proc/<pid>/stat and the boot time);
+    None when it is not running."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def clean_staging(folder: str) -> int:
+    """Remove the staging folders left by killed servers; returns how many. A folder is a
+    leftover when the process named in it is not running, or started after the folder was last
+    written (its pid was reused, e.g. a restarted container). Folders of live servers stay."""
+    import os
+    import shutil
+
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    have_proc = os.path.isdir("/proc/self")
+    removed = 0
+    for e in entries:
+        pid = e.name[len(STAGING_PREFIX):].partition("-")[0]
+        if not e.name.startswith(STAGING_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            mtime = e.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:
+            continue
+        if have_proc:
+            started = _started_at(int(pid))
+            stale = started is None or mtime < started - 2
+        else:  # pragma: no cover - no /proc: liveness only
+            try:
+                os.kill(int(pid), 0)
+                stale = False
+            except ProcessLookupError:
+                stale = True
+            except OSError:
+                stale = False
+        if stale:
+            shutil.rmtree(e.path, ignore_errors=True) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
+            removed += 1
+    return removed
+
+
+def write_upload(files: dict[str, bytes], folder: str | None = None) -> str:
+    """A fresh staging dir holding exactly `files` (plain names, checked by the caller), in
+    `folder` (created if missing; default the system's temp dir), named upload-<pid>-<random>;
+    removed again if writing fails (a full disk)."""
+    import os
+    import shutil
     import tempfile
 
-    tmp = tempfile.mkdtemp(prefix="modulora-upload-")
-    for fname, content in files.items():
-        fd = os.open(os.path.join(tmp, fname),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
+    if folder is not None:
+        os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder)
+    try:
+        for fname, content in files.items():
+            fd = os.open(os.path.join(tmp, fname),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmp
 
 
@@ -292,16 +367,18 @@ def check_upload_name(name: str, reserved: tuple[str, ...] = ()) -> str:
     return name
 
 
-def add_to_library(library, name: str, files: dict[str, bytes], fingerprint: dict):
-    """Write `files` to a fresh temp dir and add them to the library as `name` (its record).
-    Refused adapters -> 422 (the library is unchanged); a busy library -> 409."""
+def add_to_library(library, name: str, files: dict[str, bytes], fingerprint: dict, staging: str | None = None):
+    """Write `files` to a fresh staging dir (in `staging`, default the system's temp dir) and
+    add them to the library as `name` (its record). Refused adapters -> 422 (the library is
+    unchanged); a busy library -> 409; a full or read-only disk raises its OSError / sqlite3
+    error (the server answers 507)."""
     import shutil
 
     from ..base import BaseModelError
     from ..library import LibraryError
     from ..validate import ValidationError
 
-    tmp = write_upload(files)
+    tmp = write_upload(files, staging)
     try:
         return library.add(name, tmp, fingerprint)
     except (ValidationError, BaseModelError) as e:
@@ -312,5 +389,6 @@ def add_to_library(library, name: str, files: dict[str, bytes], fingerprint: dic
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["ARCHIVE_SUFFIXES", "MAX_ARCHIVE_MEMBERS", "parse_multipart", "archive_files", "write_upload",
+__all__ = ["ARCHIVE_SUFFIXES", "MAX_ARCHIVE_MEMBERS", "STAGING_PREFIX", "parse_multipart", "archive_files",
+           "write_upload", "staging_dir", "clean_staging",
            "read_body", "adapter_files", "check_upload_name", "add_to_library", "too_big"]
