@@ -22,7 +22,6 @@ import shutil
 import sqlite3
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,22 +47,70 @@ class LibraryError(ValueError):
     """A library operation cannot be done (unknown name or version, busy, bad export target...)."""
 
 
-@dataclass
+_UNSET = object()
+
+
 class AdapterRecord:
-    name: str
-    version: int
-    type: str
-    object_id: str
-    path: Path  # the immutable directory holding the files
-    created: str
-    card: dict | None
-    config: dict
-    base_id: str | None
-    num_params: int
+    """One version of an adapter. `card` and `config` are parsed from the catalog on first access
+    (then kept): listing a library reads neither, so a request that only needs names, types or
+    object ids costs one small query however large the cards are. Reading them after the version
+    (and every other version with the same content) was removed raises LibraryError."""
+
+    __slots__ = ("name", "version", "type", "object_id", "path", "created", "base_id", "num_params",
+                 "_card", "_config", "_load")
+
+    def __init__(self, name: str, version: int, type: str, object_id: str, path: Path, created: str,
+                 card=_UNSET, config=_UNSET, base_id: str | None = None, num_params: int = 0, *, load=None):
+        self.name, self.version, self.type, self.object_id = name, version, type, object_id
+        self.path = path  # the immutable directory holding the files
+        self.created, self.base_id, self.num_params = created, base_id, num_params
+        self._card, self._config, self._load = card, config, load
+
+    def _field(self, key: str):
+        value = getattr(self, "_" + key)
+        if value is _UNSET:
+            if self._load is None:
+                raise LibraryError(f"{self.ref} has no {key} loaded")
+            value = self._load(self, key)
+            setattr(self, "_" + key, value)
+        return value
+
+    @property
+    def card(self) -> dict | None:
+        return self._field("card")
+
+    @card.setter
+    def card(self, value) -> None:
+        self._card = value
+
+    @property
+    def config(self) -> dict:
+        return self._field("config")
+
+    @config.setter
+    def config(self, value) -> None:
+        self._config = value
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict:
+        """Every field (card and config parsed), JSON-serialisable except `path`."""
+        return {"name": self.name, "version": self.version, "type": self.type, "object_id": self.object_id,
+                "path": self.path, "created": self.created, "card": self.card, "config": self.config,
+                "base_id": self.base_id, "num_params": self.num_params}
+
+    def __eq__(self, other):
+        if not isinstance(other, AdapterRecord):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return (f"AdapterRecord(name={self.name!r}, version={self.version}, type={self.type!r}, "
+                f"object_id={self.object_id!r}, created={self.created!r})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +258,11 @@ CREATE TABLE IF NOT EXISTS derived (
 """
 
 _COLUMNS = "name, version, type, object_id, created, card, config, base_id, num_params, files"
+# what a record is made of: no card, config or file list (parsed lazily, see AdapterRecord)
+_RECORD_COLUMNS = "name, version, type, object_id, created, base_id, num_params"
+# A catalog made before auto_vacuum is VACUUMed after a removal once half of it, or this many
+# bytes and a quarter of it, are free (newer ones give pages back at every removal).
+RECLAIM_MIN_BYTES = 1 << 20
 
 
 class Library:
@@ -230,6 +282,7 @@ class Library:
         try:
             with self._db() as db:
                 if self._schema_version(db) is None:  # new library: create it (once, whoever is first)
+                    db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before any table: removals can shrink the file
                     db.execute("PRAGMA journal_mode=WAL")
                     with self._write(db):
                         for stmt in filter(str.strip, _SCHEMA.split(";")):
@@ -303,11 +356,40 @@ class Library:
             os.close(fd)  # releases the lock
 
     def _record(self, row) -> AdapterRecord:
+        """A record from a row of _RECORD_COLUMNS (the first 7 of a _COLUMNS row are different:
+        use _full_record for those)."""
+        name, version, type_, object_id, created, base_id, num_params = row
+        return AdapterRecord(name, version, type_, object_id, self._store.path(object_id), created,
+                             base_id=base_id, num_params=num_params, load=self._load_field)
+
+    def _full_record(self, row) -> AdapterRecord:
+        """A record from a row of _COLUMNS: card and config still parsed only when accessed."""
         name, version, type_, object_id, created, card, config, base_id, num_params, _ = row
-        return AdapterRecord(name=name, version=version, type=type_, object_id=object_id,
-                             path=self._store.path(object_id), created=created,
-                             card=json.loads(card) if card is not None else None,
-                             config=json.loads(config), base_id=base_id, num_params=num_params)
+        rec = self._record((name, version, type_, object_id, created, base_id, num_params))
+        rec._load = lambda r, key: self._parse_field(r, key, card if key == "card" else config)
+        return rec
+
+    def _load_field(self, rec: AdapterRecord, key: str):
+        """The card or config of a listed record, read from the catalog when first accessed. Same
+        object id, same files, same card and config: any version holding that content will do."""
+        assert key in ("card", "config")
+        with self._db() as db:
+            row = db.execute(f"SELECT {key} FROM adapters WHERE object_id=? LIMIT 1", (rec.object_id,)).fetchone()
+        if row is None:
+            raise LibraryError(f"{rec.ref} was removed from the library since it was listed: its {key} is gone")
+        return self._parse_field(rec, key, row[0])
+
+    @staticmethod
+    def _parse_field(rec: AdapterRecord, key: str, text):
+        if text is None:
+            if key == "card":
+                return None
+            raise LibraryError(f"the catalog holds no config for {rec.ref}")
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise LibraryError(f"the catalog's {key} of {rec.ref} is not valid JSON ({e}): the catalog is "
+                               f"damaged; remove and re-add {rec.ref}") from None
 
     def _row(self, db, name: str, version: int | None):
         if version is None:
@@ -347,19 +429,20 @@ class Library:
                             None if checked.card is None else json.dumps(checked.card),
                             json.dumps(checked.config), base_id, checked.num_params, json.dumps(files)))
                 _before_commit(name, version)
-        return AdapterRecord(name=name, version=version, type=checked.type, object_id=object_id,
-                             path=self._store.path(object_id), created=created, card=checked.card,
-                             config=checked.config, base_id=base_id, num_params=checked.num_params)
+        return AdapterRecord(name, version, checked.type, object_id, self._store.path(object_id), created,
+                             card=checked.card, config=checked.config, base_id=base_id,
+                             num_params=checked.num_params, load=self._load_field)
 
     def get(self, name: str, version: int | None = None) -> AdapterRecord:
         """A version of an adapter (the latest by default)."""
         with self._db() as db:
-            return self._record(self._row(db, name, version))
+            return self._full_record(self._row(db, name, version))
 
     def list(self) -> list[AdapterRecord]:
-        """The latest version of each name, sorted by name."""
+        """The latest version of each name, sorted by name. One query of small columns: cards and
+        configs are parsed only for the records whose `card` / `config` is read."""
         with self._db() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM adapters a WHERE version = "
+            rows = db.execute(f"SELECT {_RECORD_COLUMNS} FROM adapters a WHERE version = "
                               "(SELECT MAX(version) FROM adapters b WHERE b.name = a.name) ORDER BY name")
             return [self._record(r) for r in rows]
 
@@ -372,7 +455,8 @@ class Library:
 
     def versions(self, name: str) -> list[AdapterRecord]:
         with self._db() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=? ORDER BY version", (name,)).fetchall()
+            rows = db.execute(f"SELECT {_RECORD_COLUMNS} FROM adapters WHERE name=? ORDER BY version",
+                              (name,)).fetchall()
             if not rows:
                 self._row(db, name, None)  # raises with the list of names
             return [self._record(r) for r in rows]
@@ -385,8 +469,8 @@ class Library:
                                                  (name,))]
             derived = [r[0] for r in db.execute("SELECT kind FROM derived WHERE object_id=? ORDER BY kind",
                                                 (row[3],))]
-        rec = self._record(row)
-        out = asdict(rec)
+        rec = self._full_record(row)
+        out = rec.to_dict()
         out["path"] = str(rec.path)
         out["ref"] = rec.ref
         out["files"] = json.loads(row[9])
@@ -403,7 +487,8 @@ class Library:
                 if version is not None:
                     rows = [self._row(db, name, version)]
                 else:
-                    rows = db.execute(f"SELECT {_COLUMNS} FROM adapters WHERE name=?", (name,)).fetchall()
+                    rows = db.execute("SELECT name, version, type, object_id FROM adapters WHERE name=?",
+                                      (name,)).fetchall()
                     if not rows:
                         self._row(db, name, None)  # raises
                 ids = {r[3] for r in rows}
@@ -412,6 +497,7 @@ class Library:
                 for oid in ids:
                     if db.execute("SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (oid,)).fetchone() is None:
                         db.execute("DELETE FROM derived WHERE object_id=?", (oid,))
+            self._reclaim(db)
         self._collect(ids, wait=False)  # busy (an add in flight): a later gc frees them
         return len(rows)
 
@@ -491,6 +577,26 @@ class Library:
                         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
                         count += 1
             return count
+
+    @staticmethod
+    def _reclaim(db: sqlite3.Connection) -> bool:
+        """Give the catalog's free pages back to the file system after a removal; True if it did.
+        Catalogs with auto_vacuum=INCREMENTAL (all made since) always do, cheaply; older ones are
+        rewritten (VACUUM) once enough is free. Best effort: a busy catalog waits for the next."""
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        total = db.execute("PRAGMA page_count").fetchone()[0]
+        incremental = db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        if free == 0 or not (incremental or free * 2 >= total
+                             or (free * page_size >= RECLAIM_MIN_BYTES and free * 4 >= total)):
+            return False
+        try:
+            # executescript steps the pragma to the end (execute() would free a single page)
+            db.executescript("PRAGMA incremental_vacuum;" if incremental else "VACUUM;")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # shrink the file now, not later
+        except sqlite3.OperationalError:  # pragma: no cover - busy
+            return False
+        return True
 
     def integrity_check(self) -> str:
         """SQLite's `PRAGMA integrity_check` ("ok" when sound)."""

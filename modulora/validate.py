@@ -381,8 +381,8 @@ def validate_adapter_dir(path, fingerprint: dict | None = None, limits: Limits =
     files, sizes, digests = {}, {}, {}
     for name, p in found.items():
         big = name == WEIGHTS
-        content, size, digest = _read_file(p, limits.max_file_bytes if big else limits.max_json_bytes,
-                                           keep_path_over=IN_MEMORY_BYTES if big else None)
+        limit = limits.max_file_bytes if big else limits.max_card_bytes if name == CARD else limits.max_json_bytes
+        content, size, digest = _read_file(p, limit, keep_path_over=IN_MEMORY_BYTES if big else None)
         files[name], sizes[name] = content, size
         if digest is not None:
             digests[name] = digest

@@ -46,7 +46,10 @@ class Limits:
     max_scaling: float = 1e4  # LoRA alpha / r (or alpha / sqrt(r)): larger overflows float16/32 sums
     max_patterns: int = 4096  # entries of rank_pattern / alpha_pattern
     max_file_bytes: int = 512 << 20
-    max_json_bytes: int = 8 << 20  # adapter_config.json, card.json, README.md and the safetensors header
+    max_json_bytes: int = 8 << 20  # adapter_config.json, README.md and the safetensors header
+    # card.json: a description, metrics, the base fingerprint and up to 32 sample inputs (train.py
+    # keeps 1000 characters of each) fit in a few tens of KiB; the catalog keeps every card
+    max_card_bytes: int = 256 << 10
 
 
 LIMITS = Limits()
