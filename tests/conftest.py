@@ -47,3 +47,20 @@ def random_lora():
     """`random_lora(model, out, seed, fingerprint)`: a distinct random LoRA saved at `out` (for
     libraries of adapters that visibly answer differently; the server tests share it)."""
     return _random_lora
+
+
+@pytest.fixture(scope="session")
+def random_library(random_lora):
+    """`random_library(root, names)`: a Library at root/lib holding one distinct random LoRA per
+    name (made on a model of its own, so a served model is never touched)."""
+    def make(root, names):
+        from modulora.base import load_base
+        from modulora.library import Library
+
+        maker = load_base("tiny")
+        lib = Library(root / "lib")
+        for i, name in enumerate(names):
+            lib.add(name, random_lora(maker.model, root / name, i, maker.fingerprint), maker.fingerprint)
+        return lib
+
+    return make

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from modulora.base import load_base
-from modulora.library import Library
 from modulora.routing.arrow import Arrow
 from modulora.routing.batch import generate_routed
 from modulora.routing.engine import Engine
@@ -25,13 +24,8 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def lib(base, tmp_path_factory, random_lora):
-    root = tmp_path_factory.mktemp("engine")
-    maker = load_base("tiny")
-    lib = Library(root / "lib")
-    for i, name in enumerate(NAMES):
-        lib.add(name, random_lora(maker.model, root / name, i, maker.fingerprint), base.fingerprint)
-    return lib
+def lib(tmp_path_factory, random_library):
+    return random_library(tmp_path_factory.mktemp("engine"), NAMES)
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,8 @@ LONG = 1000  # tokens: more than a client waits for (the tiny model makes ~1000 
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory, random_lora):
-    root = tmp_path_factory.mktemp("live")
-    maker = load_base("tiny")
-    lib = Library(root / "lib")
-    for i, name in enumerate(NAMES):
-        lib.add(name, random_lora(maker.model, root / name, i, maker.fingerprint), maker.fingerprint)
-    return root / "lib"
+def lib(tmp_path_factory, random_library):
+    return random_library(tmp_path_factory.mktemp("live"), NAMES).root
 
 
 @pytest.fixture(scope="module")

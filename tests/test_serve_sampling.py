@@ -25,13 +25,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory, random_lora):
-    root = tmp_path_factory.mktemp("sampling")
-    maker = load_base("tiny")
-    lib = Library(root / "lib")
-    for i, name in enumerate(NAMES):
-        lib.add(name, random_lora(maker.model, root / name, i, maker.fingerprint), maker.fingerprint)
-    return lib
+def lib(tmp_path_factory, random_library):
+    return random_library(tmp_path_factory.mktemp("sampling"), NAMES)
 
 
 @pytest.fixture(scope="module")
