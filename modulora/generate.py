@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,40 +32,20 @@ def last_position(ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_new_tokens: int = 64,
-                 temperature: float = 0.0, seed: int = 0, on_token: Callable[[int, int], None] | None = None,
-                 stop: Callable[[int], bool] | None = None,
-                 row_limits: list[int] | None = None,
-                 on_select: Callable[[list[int]], None] | None = None) -> list[list[int]]:
-    """New token ids for each prompt; greedy when temperature is 0. Stops a row at `eos_id`.
-
-    Finished rows leave the batch (once they are a quarter of it, so the KV cache is not copied
-    every step): a batch costs about the sum of its rows' lengths rather than its size times the
-    longest. A model that holds per-row state (a routing plan, per-row prefixes) follows along
-    through `on_select(rows)`: from the next forward on, the batch holds these prompts' rows, in
-    this order.
-
-    Optional hooks, for a server that streams and drops requests: `on_token(row, token)` is
-    called for each token as soon as it is chosen (never for the eos); `stop(row)` is asked
-    before every step and True ends that row there (what it has is kept), so a cancelled
-    request stops costing compute at once; `row_limits[i]` caps row i's new tokens (at most
-    `max_new_tokens`). A row that stops early is masked out; the other rows' tokens are the
-    same as without the hooks.
+                 temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """New token ids for each prompt on whatever adapter is attached; greedy when temperature is
+    0. Stops a row at `eos_id`. Finished rows leave the batch (once they are a quarter of it, so
+    the KV cache is not copied every step): a batch costs about the sum of its rows' lengths
+    rather than its size times the longest. (Routed, streamed or sampled-per-request generation
+    is the engine's: `modulora.routing.engine`.)
     """
-    n = len(prompts)
-    limits = [max_new_tokens] * n if row_limits is None else [min(int(x), max_new_tokens) for x in row_limits]
-    if len(limits) != n:
-        raise ValueError(f"{n} prompts but {len(limits)} row limits")
     ids, mask = left_pad(prompts, pad_id)
     gen = torch.Generator().manual_seed(seed)
     logits, cache = forward(model, ids, mask, logits_to_keep=last_position(ids))
-    done = [lim <= 0 for lim in limits]
-    rows = list(range(n))  # the prompt of each batch position
+    done = [max_new_tokens <= 0] * len(prompts)
+    rows = list(range(len(prompts)))  # the prompt of each batch position
     out: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        if stop is not None:
-            for i in rows:
-                if not done[i] and stop(i):
-                    done[i] = True
         keep = [p for p, i in enumerate(rows) if not done[i]]
         if not keep:
             break
@@ -75,34 +54,24 @@ def generate_ids(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_
             cache.batch_select_indices(idx)
             mask, logits = mask[idx], logits[idx]
             rows = [rows[p] for p in keep]
-            if on_select is not None:
-                on_select(rows)
         last = logits[:, -1, :].float()
         if temperature > 0:
             nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen).squeeze(1)
         else:
             nxt = last.argmax(-1)
-        # rows at their limit: their last token is still fed once, as a row running to max_new_tokens
-        # always was (routing reports count the tokens the model saw)
-        full = []
         for i, tok in zip(rows, nxt.tolist()):
             if not done[i]:
                 if tok == eos_id:
                     done[i] = True
                 else:
                     out[i].append(tok)
-                    if on_token is not None:
-                        on_token(i, tok)
-                    if len(out[i]) >= limits[i]:
-                        full.append(i)
+                    done[i] = len(out[i]) >= max_new_tokens
         running = torch.tensor([not done[i] for i in rows])
         if not running.any():
             break
         nxt = torch.where(running, nxt, torch.full_like(nxt, pad_id))
         mask = torch.cat([mask, running.long().unsqueeze(1)], dim=1)
         logits, cache = forward(model, nxt.unsqueeze(1), mask, cache)
-        for i in full:
-            done[i] = True
     return out
 
 

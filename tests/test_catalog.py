@@ -109,14 +109,19 @@ def test_card_of_a_removed_record(tmp_path, fp):
     assert rec.card["name"] == "a"  # the record add() returns holds its card
 
 
-def test_list_cost_does_not_grow_with_card_size(tmp_path, fp):
-    lib = Library(tmp_path / "lib")
-    src = _with_card(tmp_path / "src", fp, LIMITS.max_card_bytes - 2_000)
-    for i in range(20):
+def _add_named(lib: Library, src, n: int, versions: int = 1) -> None:
+    """Add `src` as a0..a{n-1}, each card naming its adapter, `versions` times each."""
+    for i in range(n):
         card = json.loads((src / "card.json").read_text())
         card["name"] = f"a{i}"
         (src / "card.json").write_text(json.dumps(card))
-        lib.add(f"a{i}", src)
+        for _ in range(versions):
+            lib.add(f"a{i}", src)
+
+
+def test_list_cost_does_not_grow_with_card_size(tmp_path, fp):
+    lib = Library(tmp_path / "lib")
+    _add_named(lib, _with_card(tmp_path / "src", fp, LIMITS.max_card_bytes - 2_000), 20)
     t = time.perf_counter()
     for _ in range(20):
         recs = lib.list()
@@ -134,12 +139,7 @@ def _catalog_bytes(lib: Library) -> int:
 def test_remove_reclaims_space(tmp_path, fp):
     lib = Library(tmp_path / "lib")
     src = _with_card(tmp_path / "src", fp, LIMITS.max_card_bytes - 2_000)
-    for i in range(12):
-        card = json.loads((src / "card.json").read_text())
-        card["name"] = f"a{i}"
-        (src / "card.json").write_text(json.dumps(card))
-        lib.add(f"a{i}", src)
-        lib.add(f"a{i}", src)  # a second version with the same object
+    _add_named(lib, src, 12, versions=2)  # a second version with the same object
     lib.put_derived(lib.get("a0").object_id, "test", b"\0" * 500_000)
     full = _catalog_bytes(lib)
     assert full > 12 * LIMITS.max_card_bytes
@@ -165,12 +165,7 @@ def test_remove_reclaims_space_in_a_catalog_without_auto_vacuum(tmp_path, fp):
     lib = Library(root)  # creates the tables in a catalog whose auto_vacuum is off
     with sqlite3.connect(lib.catalog) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
-    src = _with_card(tmp_path / "src", fp, LIMITS.max_card_bytes - 2_000)
-    for i in range(10):
-        card = json.loads((src / "card.json").read_text())
-        card["name"] = f"a{i}"
-        (src / "card.json").write_text(json.dumps(card))
-        lib.add(f"a{i}", src)
+    _add_named(lib, _with_card(tmp_path / "src", fp, LIMITS.max_card_bytes - 2_000), 10)
     full = _catalog_bytes(lib)
     for i in range(10):
         lib.remove(f"a{i}")

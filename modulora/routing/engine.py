@@ -22,8 +22,8 @@ server's `echo` read the same numbers).
 
 A request with n > 1 samples is prefilled once; its KV cache row is then copied n times. Rows
 join between two decode steps and leave the step they finish; their KV caches are left padded to
-a common width and stacked; position ids come from the attention mask, so padding never changes
-a row's answer.
+a common width and stacked; position ids count each row's real tokens (a prefix adapter's leading
+cache columns take none), so padding never changes a row's answer.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from ..data import Example, render_prompt
 from ..forward import PREFIX_ATTR, forward
 from ..generate import last_position, left_pad
 from .arrow import Arrow
-from .experts import RoutingError
+from .experts import RoutingError, normalise_route
 from .family import FamilyPlan, PrefixExpert, prefix_block, split_route
 from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
 from .requests import Answer, EngineRequest, Sample, TokenEvent, TokenLogprob
@@ -86,14 +86,12 @@ class _Pending:
         return {m: dict(sorted(((e, v / n) for e, v in self.module_sums.get(m, {}).items() if v > 0 and n > 0),
                                key=lambda kv: -kv[1])) for m in self.modules}
 
-
     def experts(self) -> dict[str, float]:
         route = self.req.route
         if route is None:
             return {}
-        if isinstance(route, dict):
-            total = sum(route.values())
-            return dict(sorted(((n, w / total) for n, w in route.items()), key=lambda kv: -kv[1]))
+        if isinstance(route, dict):  # checked when the request was added
+            return dict(sorted(normalise_route(route, lambda n: None).items(), key=lambda kv: -kv[1]))
         n = self.arrow_tokens * max(1, len(self.modules))
         pairs = [(k, v / n) for k, v in self.arrow_sums.items() if v > 0] if n > 0 else []
         return dict(sorted(pairs, key=lambda kv: -kv[1]))
@@ -209,14 +207,18 @@ class Engine:
         engine over the same model object, as two test servers in one process have, takes its
         own back before it runs.)"""
         slots = self.experts.slots
+        if self._wrapped == len(slots.A) and (not slots.A or self._owns_layers()):
+            return  # the per-step fast path: one module looked up
         current = installed(self.model)
-        if current is slots and self._wrapped == len(slots.A):
-            return
         if current is not None and current is not slots:
             uninstall(self.model)
         if slots.A:
             install(self.model, slots)
         self._wrapped = len(slots.A)
+
+    def _owns_layers(self) -> bool:
+        layer = self.model.get_submodule(next(iter(self.experts.slots.A)))
+        return getattr(layer, "router", None) is not None and layer.router.expert_set is self.experts.slots
 
     # -- joining ---------------------------------------------------------------------------------
 

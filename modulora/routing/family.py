@@ -213,14 +213,6 @@ class FamilyPlan:
                     raise RoutingError(f"adapter {e.name} expects width {w.shape[1]} at {site} but this model's is "
                                        f"{hidden}; was it made for another base model?")
 
-    def report(self, row: int, explain: bool) -> tuple[dict[str, float], dict[str, dict[str, float]] | None]:
-        """(expert -> weight, per site when `explain`) for a row this plan serves."""
-        experts = dict(sorted(self.routes[row].items(), key=lambda kv: -kv[1]))
-        if not explain:
-            return experts, None
-        sites = sorted({s for n in experts for s in getattr(self.others[n], "down", ())})  # prefix: none
-        return experts, {s: dict(experts) for s in sites}
-
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
         """Hooks on the bottleneck sites, for the duration of a block. Enter it after the

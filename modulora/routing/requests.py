@@ -84,11 +84,8 @@ class SamplingParams:
             raise RoutingError("prompt_logprobs and ignore_eos are true or false")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise RoutingError("stop is at most 16 non-empty strings")
-        for t in self.stop_token_ids:
+        for t in self.stop_token_ids:  # n greedy samples are n copies of one answer: allowed, as OpenAI
             _int("stop_token_ids", t, 0)
-        if self.n > 1 and self.greedy and self.max_tokens > 0:
-            # n greedy samples would be n copies of one answer; that is allowed (OpenAI does the same)
-            pass
 
 
 def _int(name: str, v, lo: int, hi: int | None = None) -> None:
