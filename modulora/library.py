@@ -10,11 +10,16 @@ Layout of a library directory:
 An add checks everything first, writes the object (temp dir, fsync, rename; identical content is
 stored once), then inserts the catalog row in one transaction. A crash at any point leaves the
 catalog as it was; what it leaves on disk is unreferenced and `gc()` removes it.
+
+A library this process cannot write (read-only mount, folder or catalog without write permission)
+is opened read-only: reads work, writes raise LibraryError. Reads never need to write, so they also
+work on a full disk; a write that fails for lack of space raises OSError(ENOSPC) naming the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +29,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 from .validate import Limits, ValidationError, validate_adapter_dir, validate_name
 
@@ -41,6 +47,9 @@ PAUSE_ENV = "MODULORA_LIBRARY_PAUSE_BEFORE_COMMIT"  # test hook, see _before_com
 # Derived data under an object id with this prefix belongs to the library, not to one object
 # (object ids are hex digests, never containing ':'); gc keeps it.
 LIBRARY_SCOPE = "library:"
+# A write that failed while the library's file system has less free space than this failed for
+# lack of space (SQLite reports a -shm it cannot grow as a plain "disk I/O error").
+FULL_BELOW_BYTES = 1 << 20
 
 
 class LibraryError(ValueError):
@@ -139,11 +148,12 @@ def object_id_for(digests: dict[str, str]) -> str:
 
 
 class _FileStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, create: bool = True):
         self.objects = root / "objects"
         self.tmp = root / "tmp"
-        self.objects.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.objects.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path(self, object_id: str) -> Path:
         return self.objects / object_id
@@ -152,7 +162,7 @@ class _FileStore:
         return self.path(object_id).is_dir()
 
     def ids(self) -> set[str]:
-        return {p.name for p in self.objects.iterdir()}
+        return {p.name for p in self.objects.iterdir()} if self.objects.is_dir() else set()
 
     def put(self, object_id: str, files: dict, digests: dict[str, str]) -> bool:
         """Store files (bytes or source paths) under object_id unless present; True if written.
@@ -208,7 +218,7 @@ class _FileStore:
         shutil.rmtree(dead, ignore_errors=True)
 
     def temp_dirs(self) -> list[Path]:
-        return list(self.tmp.iterdir())
+        return list(self.tmp.iterdir()) if self.tmp.is_dir() else []
 
     def files(self, object_id: str) -> dict[str, Path]:
         return {p.name: p for p in sorted(self.path(object_id).iterdir())}
@@ -265,37 +275,140 @@ _RECORD_COLUMNS = "name, version, type, object_id, created, base_id, num_params"
 RECLAIM_MIN_BYTES = 1 << 20
 
 
+def _why_read_only(root: Path, paths: list[Path]) -> OSError | None:
+    """Why this process cannot write the library at `root` (EROFS or EACCES naming the first path
+    it may not write), or None. Asks the kernel (access(2)), so root on a writable mount can."""
+    for path in paths:
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            try:
+                read_only_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+            except (OSError, AttributeError):  # pragma: no cover - no statvfs
+                read_only_fs = False
+            code = errno.EROFS if read_only_fs else errno.EACCES
+            return OSError(code, os.strerror(code), str(path))
+    return None
+
+
+def _wal_is_empty(catalog: Path) -> bool:
+    """True when the catalog's write-ahead log holds nothing, so the main file is the whole catalog."""
+    try:
+        return os.stat(f"{catalog}-wal").st_size == 0
+    except FileNotFoundError:
+        return True
+
+
 class Library:
     def __init__(self, path: str | Path | None = None, *, limits: Limits = Limits(), auto_gc: bool = True):
         if path is None:  # base.home(), without importing torch (keeps `library list` fast)
             path = Path(os.environ.get("MODULORA_HOME") or Path.home() / ".modulora") / "library"
         self.root = Path(path).expanduser()
         self.limits = limits
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise LibraryError(f"cannot create the library at {self.root}: {e}") from None
-        self._store = _FileStore(self.root)
-        self._lock_path = self.root / "lock"
-        self._lock_path.touch(exist_ok=True)
         self.catalog = self.root / "catalog.sqlite"
+        self._lock_path = self.root / "lock"
+        if not self.root.exists():
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LibraryError(f"cannot create the library at {self.root}: {e}") from e
+        self._read_only = _why_read_only(self.root, [self.root, self.root / "objects", self.root / "tmp",
+                                                     self.catalog, self._lock_path])
+        self._store = _FileStore(self.root, create=not self.read_only)
+        if self.read_only:
+            self._open_read_only()
+            return
+        self._lock_path.touch(exist_ok=True)
         try:
             with self._db() as db:
-                if self._schema_version(db) is None:  # new library: create it (once, whoever is first)
-                    db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before any table: removals can shrink the file
-                    db.execute("PRAGMA journal_mode=WAL")
-                    with self._write(db):
-                        for stmt in filter(str.strip, _SCHEMA.split(";")):
-                            db.execute(stmt)
-                        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                version = self._schema_version(db)
+            if version is None:  # new library: create it (once, whoever is first)
+                with self._storage_errors(), self._db(write=True) as db:
+                    if self._schema_version(db) is None:
+                        db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before any table: removals can shrink the file
+                        db.execute("PRAGMA journal_mode=WAL")
+                        with self._write(db):
+                            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                                db.execute(stmt)
+                            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                       (str(SCHEMA_VERSION),))
+                    version = self._schema_version(db)
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(f"cannot open the library catalog {self.catalog}: {e}") from e
+        self._check_version(version)
+        if auto_gc:
+            try:
+                self.gc(wait=False)
+            except OSError:  # a full disk (see _storage_errors): a later gc frees what this one left
+                if self._disk_problem() is None:
+                    raise
+
+    @property
+    def read_only(self) -> bool:
+        """True when this process cannot write the library: reads work, writes raise LibraryError."""
+        return self._read_only is not None
+
+    def _open_read_only(self) -> None:
+        """Open without writing anything: no folders, lock file, schema, migration or gc."""
+        if not self.catalog.is_file():
+            raise LibraryError(f"there is no library at {self.root} (no {self.catalog.name}), and none can be "
+                               f"created there: {self._read_only.strerror} ({self._read_only.filename})") from self._read_only
+        try:
+            with self._db() as db:
                 version = self._schema_version(db)
         except sqlite3.DatabaseError as e:
-            raise LibraryError(f"cannot open the library catalog {self.catalog}: {e}") from None
+            raise LibraryError(f"cannot open the library catalog {self.catalog} (read-only): {e}") from e
+        if version is None:
+            raise LibraryError(f"{self.catalog} holds no library catalog, and the library at {self.root} is "
+                               f"read-only ({self._read_only.strerror}), so none can be created") from self._read_only
+        self._check_version(version)
+        if version < SCHEMA_VERSION:
+            raise LibraryError(f"{self.catalog} has schema version {version} and must be upgraded to "
+                               f"{SCHEMA_VERSION}, but the library at {self.root} is read-only "
+                               f"({self._read_only.strerror}): open it once with write access") from self._read_only
+
+    def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise LibraryError(f"{self.catalog} has schema version {version}; this modulora knows up to "
                                f"{SCHEMA_VERSION}: upgrade modulora")
-        if auto_gc:
-            self.gc(wait=False)
+
+    def _check_writable(self, op: str) -> None:
+        """LibraryError naming the folder when the library was opened read-only; chained to the
+        OSError (EROFS or EACCES) that says why, so storage_problem (cli) classifies a read-only
+        file system."""
+        why = self._read_only
+        if why is not None:
+            reason = ("a read-only file system" if why.errno == errno.EROFS
+                      else f"no write permission on {why.filename}")
+            raise LibraryError(f"cannot {op}: the library at {self.root} is read-only ({reason})") from why
+
+    def _disk_problem(self) -> OSError | None:
+        """OSError(ENOSPC or EROFS) naming the library folder when its file system is full or
+        read-only right now, else None."""
+        try:
+            st = os.statvfs(self.root)
+        except (OSError, AttributeError):  # pragma: no cover - no statvfs
+            return None
+        if st.f_flag & os.ST_RDONLY:
+            code = errno.EROFS
+        elif st.f_bavail * st.f_frsize < FULL_BELOW_BYTES:
+            code = errno.ENOSPC
+        else:
+            return None
+        return OSError(code, os.strerror(code), str(self.root))
+
+    @contextlib.contextmanager
+    def _storage_errors(self):
+        """Around a write: an SQLite error (or an errno-less OSError) while the disk is full or
+        read-only is re-raised as that OSError(ENOSPC / EROFS) naming the folder, the one error
+        the CLI and the server report as a storage problem (SQLite may call it "disk I/O error")."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as e:
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            problem = self._disk_problem()
+            if problem is None:
+                raise
+            raise problem from e
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -303,19 +416,64 @@ class Library:
     def _schema_version(db) -> int | None:
         try:
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.OperationalError:  # no meta table yet
-            return None
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):  # a new catalog
+                return None
+            raise
         return None if row is None else int(row[0])
 
     @contextlib.contextmanager
-    def _db(self):
-        db = sqlite3.connect(self.catalog, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    def _db(self, write: bool = False):
+        """A new connection to the catalog, closed after use (one per call: safe across threads
+        and processes). For reads it may be read-only, see _connect_for_reading."""
+        db = self._connect() if write else self._connect_for_reading()
         try:
-            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            db.execute("PRAGMA synchronous=FULL")
             yield db
         finally:
             db.close()
+
+    def _connect(self, query: str = "") -> sqlite3.Connection:
+        if query:
+            target, uri = "file:" + quote(str(self.catalog.absolute())) + query, True
+        else:
+            target, uri = str(self.catalog), False
+        db = sqlite3.connect(target, timeout=BUSY_TIMEOUT_S, isolation_level=None, uri=uri)
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _connect_for_reading(self) -> sqlite3.Connection:
+        """A connection that can read the catalog without writing anything.
+
+        Reading a WAL catalog maps its -shm index, which SQLite creates (and grows, writing) when
+        no other connection holds it open: impossible on a full disk or in a read-only folder. So
+        when that fails, read through a read-only connection, then an `immutable` one: it needs no
+        -shm and is exact when the -wal is empty (the main file then holds every commit), which is
+        the case unless another connection is open, and then the -shm exists and `mode=ro` works.
+        A writer starting in between is the one risk (a read fails or sees the earlier state)."""
+        attempts = ["?mode=ro"] if self.read_only else ["", "?mode=ro"]
+        first = None
+        for i, query in enumerate(attempts + ["?mode=ro&immutable=1"]):
+            if i == len(attempts) and not _wal_is_empty(self.catalog):
+                break
+            try:
+                db = self._connect(query)
+            except sqlite3.OperationalError as e:
+                first = first or e
+                continue
+            try:
+                db.execute("PRAGMA schema_version").fetchone()  # opens the WAL index (-shm) now
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                if "locked" in str(e):  # busy past the timeout: not a storage problem
+                    raise
+                first = first or e
+        raise first
 
     @staticmethod
     @contextlib.contextmanager
@@ -335,7 +493,16 @@ class Library:
         if fcntl is None:  # pragma: no cover
             yield True
             return
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if exclusive or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            try:  # a read on a read-only library: flock needs no write access
+                fd = os.open(self._lock_path, os.O_RDONLY)
+            except FileNotFoundError:  # and none can be made: nothing to wait for here
+                yield True
+                return
         try:
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             deadline = time.monotonic() + BUSY_TIMEOUT_S
@@ -411,15 +578,16 @@ class Library:
 
     def add(self, name: str, adapter_dir, fingerprint: dict | None = None) -> AdapterRecord:
         """Check and store an adapter directory as the next version of `name`."""
+        self._check_writable(f"add {name}")
         validate_name(name)
         checked = validate_adapter_dir(adapter_dir, fingerprint, self.limits)
         object_id = object_id_for(checked.sha256)
         base_id = (fingerprint or {}).get("id") or ((checked.card or {}).get("base_fingerprint") or {}).get("id")
         files = {n: {"size": checked.sizes[n], "sha256": checked.sha256[n]} for n in sorted(checked.files)}
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with self._lock(exclusive=False):  # gc cannot run until the row is committed
+        with self._storage_errors(), self._lock(exclusive=False):  # gc waits for the commit
             self._store.put(object_id, checked.files, checked.sha256)
-            with self._db() as db, self._write(db):
+            with self._db(write=True) as db, self._write(db):
                 row = db.execute("SELECT last_version FROM counters WHERE name=?", (name,)).fetchone()
                 version = (row[0] if row else 0) + 1
                 db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -482,7 +650,8 @@ class Library:
 
     def remove(self, name: str, version: int | None = None) -> int:
         """Remove all versions of `name` (or one); returns how many. Frees unreferenced objects."""
-        with self._db() as db:
+        self._check_writable(f"remove {name}")
+        with self._storage_errors(), self._db(write=True) as db:
             with self._write(db):
                 if version is not None:
                     rows = [self._row(db, name, version)]
@@ -498,7 +667,8 @@ class Library:
                     if db.execute("SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (oid,)).fetchone() is None:
                         db.execute("DELETE FROM derived WHERE object_id=?", (oid,))
             self._reclaim(db)
-        self._collect(ids, wait=False)  # busy (an add in flight): a later gc frees them
+        with self._storage_errors():
+            self._collect(ids, wait=False)  # busy (an add in flight): a later gc frees them
         return len(rows)
 
     def export(self, name: str, out_dir, version: int | None = None) -> Path:
@@ -527,7 +697,8 @@ class Library:
         whole library under an object id starting with LIBRARY_SCOPE (e.g. a trained router)."""
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError("derived values are bytes (e.g. safetensors.torch.save output)")
-        with self._db() as db, self._write(db):
+        self._check_writable("cache derived data")
+        with self._storage_errors(), self._db(write=True) as db, self._write(db):
             known = object_id.startswith(LIBRARY_SCOPE) or db.execute(
                 "SELECT 1 FROM adapters WHERE object_id=? LIMIT 1", (object_id,)).fetchone() is not None
             if not known:
@@ -543,7 +714,9 @@ class Library:
         """Delete objects and temp dirs the catalog does not reference (crash leftovers); returns
         how many. Takes the exclusive lock, so no add is in flight meanwhile; with wait=False it
         does nothing (returns 0) while one is."""
-        return self._collect(None, wait=wait)
+        self._check_writable("collect garbage")
+        with self._storage_errors():
+            return self._collect(None, wait=wait)
 
     def _collect(self, candidates: set[str] | None, wait: bool) -> int:
         with self._lock(exclusive=True, wait=wait) as held:
@@ -559,13 +732,14 @@ class Library:
                 except FileNotFoundError:  # pragma: no cover
                     return False
 
-            with self._db() as db:
+            orphan = (f"FROM derived WHERE object_id NOT IN (SELECT object_id FROM adapters) "
+                      f"AND object_id NOT LIKE '{LIBRARY_SCOPE}%'")
+            with self._db() as db:  # a read: on a full disk gc can still free objects
                 referenced = {r[0] for r in db.execute("SELECT DISTINCT object_id FROM adapters")}
-                orphan = (f"FROM derived WHERE object_id NOT IN (SELECT object_id FROM adapters) "
-                          f"AND object_id NOT LIKE '{LIBRARY_SCOPE}%'")
-                if candidates is None and db.execute(f"SELECT 1 {orphan} LIMIT 1").fetchone():
-                    with self._write(db):
-                        db.execute(f"DELETE {orphan}")
+                orphans = candidates is None and db.execute(f"SELECT 1 {orphan} LIMIT 1").fetchone()
+            if orphans:
+                with self._db(write=True) as db, self._write(db):
+                    db.execute(f"DELETE {orphan}")
             count = 0
             for oid in (self._store.ids() if candidates is None else candidates):
                 if oid not in referenced and self._store.has(oid) and stale(self._store.path(oid)):

@@ -2,9 +2,9 @@
 
 An adapter may come from anywhere, so nothing in it is trusted: only the three (four) known files,
 no pickles, no symlinks, a safetensors header parsed by hand before any library sees the file,
-finite weights, keys and shapes that fit the documented layout (docs/formats.md) and the base
-model's fingerprint, and sizes under fixed limits. This module writes nothing and does not import
-torch, so that `modulora library ...` commands start fast.
+finite weights of bounded magnitude, keys and shapes that fit the documented layout
+(docs/formats.md) and the base model's fingerprint, and sizes under fixed limits. This module
+writes nothing and does not import torch, so that `modulora library ...` commands start fast.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ __all__ = ["ALLOWED_FILES", "CARD", "CONFIG", "Limits", "PICKLE_MESSAGE", "PICKL
 # Larger ones stay on disk (`files` holds their path) and the library re-hashes them as it copies.
 IN_MEMORY_BYTES = 64 << 20
 
-# safetensors dtype -> (item size, uint view, exponent mask): a value is NaN/Inf iff all its
-# exponent bits are set, so the check needs no float conversion (and works for bfloat16).
+# safetensors dtype -> (item size, uint view, exponent mask, name). Every check reads the values as
+# unsigned integers, so it needs no float conversion (and works for bfloat16, which numpy lacks):
+# with the sign bit cleared, IEEE bit patterns order like the magnitudes they encode, and a value
+# is NaN/Inf iff its magnitude bits are >= the exponent mask (all exponent bits set).
 _DTYPES = {
     "F16": (2, "<u2", 0x7C00, "float16"),
     "BF16": (2, "<u2", 0x7F80, "bfloat16"),
@@ -218,16 +220,48 @@ def _parse_safetensors_header(head: bytes, file_size: int, limit: int) -> tuple[
     return tensors, 8 + n
 
 
-def _check_finite(buf, tensors: dict, start: int) -> None:
-    chunk = 1 << 24
+def _magnitude_bits(limit: float, dtype: str) -> int:
+    """The bit pattern (sign cleared) of the largest `dtype` value <= `limit`: a value is over the
+    limit iff its magnitude bits are greater, so the scan compares integers only."""
+    if dtype == "BF16":  # bfloat16 is the upper half of a float32: truncating rounds toward zero
+        return _magnitude_bits(limit, "F32") >> 16
+    ftype, utype = np.dtype(_DTYPES[dtype][3]), np.dtype(_DTYPES[dtype][1])
+    limit = max(float(limit), 0.0)
+    with np.errstate(over="ignore"):
+        x = np.array(limit, dtype=ftype)
+    if float(x) > limit:  # rounded up (or to inf): step down to the largest value below the limit
+        x = np.nextafter(x, ftype.type(0))
+    return int(x.view(utype))
+
+
+def _from_bits(bits: int, dtype: str) -> float:
+    """The float whose magnitude bits are `bits` (for messages)."""
+    if dtype == "BF16":
+        return float(np.array(bits << 16, dtype="<u4").view(np.float32))
+    return float(np.array(bits, dtype=_DTYPES[dtype][1]).view(_DTYPES[dtype][3]))
+
+
+def _check_values(buf, tensors: dict, start: int, max_abs: float) -> None:
+    """Refuse NaN/Inf and any value whose magnitude is over `max_abs`, in one pass over the data:
+    per chunk, the largest magnitude bit pattern (see _DTYPES) answers both questions."""
+    chunk = 1 << 22
     for key, (dtype, shape, begin, end) in tensors.items():
-        size, view, mask, _ = _DTYPES[dtype]
+        size, view, exp_mask, _ = _DTYPES[dtype]
+        sign = 1 << (8 * size - 1)
+        limit = _magnitude_bits(max_abs, dtype)
         count = (end - begin) // size
+        top = 0
         for i in range(0, count, chunk):
             n = min(chunk, count - i)
             a = np.frombuffer(buf, dtype=view, count=n, offset=start + begin + i * size)
-            if np.any((a & mask) == mask):
+            top = max(top, int(np.bitwise_and(a, sign - 1).max()))
+            if top >= exp_mask:
                 raise ValidationError(f"{WEIGHTS}: tensor {key!r} holds NaN or Inf values")
+        if top > limit:
+            raise ValidationError(f"{WEIGHTS}: tensor {key!r} holds values up to |{_from_bits(top, dtype):.4g}|, "
+                                  f"over the limit of {max_abs:g} for weights (max_weight_abs); trained "
+                                  "weights are far smaller, and values this large overflow float16 "
+                                  "products and norms")
 
 
 def _check_safetensors(source, size: int, limits: Limits) -> dict:
@@ -235,7 +269,7 @@ def _check_safetensors(source, size: int, limits: Limits) -> dict:
     if isinstance(source, (bytes, bytearray)):
         tensors, start = _parse_safetensors_header(bytes(source[:8 + limits.max_json_bytes]), size,
                                                    limits.max_json_bytes)
-        _check_finite(source, tensors, start)
+        _check_values(source, tensors, start, limits.max_weight_abs)
         try:  # the safetensors library must read it the same way
             import safetensors
 
@@ -249,7 +283,7 @@ def _check_safetensors(source, size: int, limits: Limits) -> dict:
         if tensors:
             mm = np.memmap(source, dtype=np.uint8, mode="r", shape=(size,))
             try:
-                _check_finite(mm, tensors, start)
+                _check_values(mm, tensors, start, limits.max_weight_abs)
             finally:
                 del mm
         try:

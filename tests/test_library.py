@@ -423,6 +423,43 @@ def test_large_file_path_mode(tmp_path, fp, monkeypatch):
     assert snapshot(lib) == before
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_weight_magnitude_limit(tmp_path, fp, monkeypatch, dtype, on_disk):
+    """A value over Limits.max_weight_abs (255) is refused naming the tensor, its largest |value|
+    and the limit, in every accepted dtype, in memory or checked on disk; one at the limit passes."""
+    from modulora import validate
+
+    if on_disk:
+        monkeypatch.setattr(validate, "IN_MEMORY_BYTES", 0)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    huge = 6e4 if dtype == torch.float16 else 1e6  # 1e6 is inf in float16 (max 65504)
+
+    def with_value(d: Path, value: float) -> Path:
+        make_lora(d, fp, dtype=dtype)
+        from safetensors.torch import load_file
+        t = load_file(str(d / "adapter_model.safetensors"))
+        t[key][3, 1] = value
+        save_file(t, str(d / "adapter_model.safetensors"))
+        return d
+
+    lib = Library(tmp_path / "lib")
+    for i, value in enumerate([huge, -huge, 256.0]):
+        with pytest.raises(ValidationError) as e:
+            lib.add("big", with_value(tmp_path / f"big{i}", value), fp)
+        shown = f"{float(torch.tensor(abs(value), dtype=dtype)):.4g}"
+        for part in (key, f"values up to |{shown}|", "over the limit of 255"):
+            assert part in str(e.value), (part, str(e.value))
+    assert lib.list() == []
+    for i, value in enumerate([255.0, -255.0]):
+        assert lib.add("edge", with_value(tmp_path / f"edge{i}", value), fp).version == i + 1
+    with pytest.raises(ValidationError, match="over the limit of 100 for weights"):
+        validate_adapter_dir(with_value(tmp_path / "custom", 101.0), fp, Limits(max_weight_abs=100))
+    validate_adapter_dir(with_value(tmp_path / "custom2", 1e4 if dtype != torch.float16 else 6e4), fp,
+                         Limits(max_weight_abs=float("inf")))
+
+
 # ---------------------------------------------------------------------------------------------
 # crash safety
 

@@ -303,3 +303,83 @@ def test_an_expert_already_in_its_slot_is_not_copied_again(base, lib):
     eng.use_experts(fresh)
     assert eng.experts.slots.version > version and eng.experts.slots.experts[eng.experts.slots.index("a")] is fresh[0]
     eng.release()
+
+
+LONG = " ".join(f"w{i}" for i in range(60))  # a prompt of ~100+ tokens on the tiny tokenizer
+
+
+def test_chunked_prefill_gives_the_same_answers_and_logprobs(base, lib):
+    """A prompt fed 7 tokens per step answers as one fed whole: greedy tokens, Arrow weights,
+    and every prompt token's log-probability."""
+    jobs = [(LONG, {"a": 1.0}), (LONG + " Peru", Arrow(top_k=2)), ("short", {"b": 0.5, "c": 0.5}),
+            (LONG, None)]
+    got = {}
+    for chunk in (7, 4096):
+        eng = new_engine(base, lib)
+        eng.prefill_chunk = chunk
+        reqs = [request(eng, p, r, max_new=6) for p, r in jobs]
+        for r in reqs:
+            r.params = SamplingParams(max_tokens=6, prompt_logprobs=True, logprobs=2)
+        got[chunk] = eng.run(reqs)
+        eng.release()
+    for small, whole in zip(got[7], got[4096]):
+        assert small.samples[0].token_ids == whole.samples[0].token_ids
+        assert len(small.prompt_logprobs) == len(whole.prompt_logprobs) == small.prompt_tokens
+        for x, y in zip(small.prompt_logprobs[1:], whole.prompt_logprobs[1:]):
+            assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-4
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+        assert small.experts.keys() == whole.experts.keys()
+        # batches of other shapes move Arrow's near-ties (top-k) a little: as in the test above
+        assert all(abs(small.experts[k] - whole.experts[k]) < 0.01 for k in small.experts), (small.experts, whole.experts)
+
+
+def test_a_long_prompt_never_holds_a_running_row_more_than_one_chunk(base, lib):
+    eng = new_engine(base, lib)
+    eng.prefill_chunk = 16
+    fed: list[int] = []  # tokens of each forward
+    hook = base.model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].numel()),
+                                                with_kwargs=True)
+    try:
+        running = request(eng, "x y", {"a": 1.0}, max_new=40)
+        running.params = SamplingParams(max_tokens=40, ignore_eos=True)
+        done = eng.add([running])
+        long = request(eng, LONG * 2, {"b": 1.0}, max_new=2)
+        n_long = len(long.prompt)
+        assert n_long > 10 * eng.prefill_chunk
+        fed.clear()
+        done += eng.add([long])
+        steps, tokens = 0, []
+        while eng.prefilling:
+            before = len(eng.rows[0].tokens)
+            done += eng.step()
+            steps += 1
+            tokens.append(len(eng.rows[0].tokens) - before)
+        assert steps >= n_long // eng.prefill_chunk - 1
+        assert all(t == 1 for t in tokens)  # the running row got a token every step
+        assert max(fed) <= eng.prefill_chunk and sum(fed) >= n_long  # no forward fed more than a chunk
+        while eng.busy:
+            done += eng.step()
+    finally:
+        hook.remove()
+        eng.release()
+    answers = {id(r): a for r, a in done}
+    assert len(answers[id(running)].samples[0].token_ids) == 40
+    assert answers[id(long)].samples[0].finish_reason in ("length", "stop")
+
+
+def test_a_request_stopped_while_prefilling_leaves_at_once(base, lib):
+    eng = new_engine(base, lib)
+    eng.prefill_chunk = 8
+    flag: list[str] = []
+    long = request(eng, LONG, {"a": 1.0}, max_new=4, should_stop=lambda: flag[0] if flag else None)
+    other = request(eng, LONG, {"b": 1.0}, max_new=4)
+    done = eng.add([long, other])
+    assert eng.prefilling and not eng.rows
+    flag.append("client_disconnect")
+    done += eng.step()
+    assert [(r is long, a.finish_reason) for r, a in done] == [(True, "client_disconnect")]
+    while eng.busy:
+        done += eng.step()
+    assert {id(r) for r, _ in done} == {id(long), id(other)}
+    assert eng.clear("error") == [] and eng.load == 0
+    eng.release()

@@ -44,6 +44,12 @@ class Limits:
     max_bottleneck: int = 4096
     max_virtual_tokens: int = 512
     max_scaling: float = 1e4  # LoRA alpha / r (or alpha / sqrt(r)): larger overflows float16/32 sums
+    # Largest |value| of any stored tensor: sqrt(65504) rounded down, so that the square of every
+    # value, and so the product of any two (one term of B @ A, of a norm), is finite in float16,
+    # the narrowest dtype an adapter may be applied in. Trained weights are orders of magnitude
+    # smaller (LoRA ~1e-2..1, prefix keys/values ~1..10), so a larger value is a broken or hostile
+    # file. A per-value bound cannot keep whole sums finite (they grow with rank and width).
+    max_weight_abs: float = 255.0
     max_patterns: int = 4096  # entries of rank_pattern / alpha_pattern
     max_file_bytes: int = 512 << 20
     max_json_bytes: int = 8 << 20  # adapter_config.json, README.md and the safetensors header

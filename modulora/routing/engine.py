@@ -7,9 +7,9 @@
 
 or, as a server does, step by step (continuous batching):
 
-    done = engine.add(requests)          # prefill the newcomers and merge them into the running batch
-    while engine.rows:
-        done += engine.step()            # one token for every running sample
+    done = engine.add(requests)          # check the newcomers, prefill them (within one chunk's tokens)
+    while engine.busy:
+        done += engine.step()            # one token for every running sample, then the next chunk
     # done: (request, Answer) pairs
 
 It installs the multi-expert layers on the model once, over the LoRA experts' preallocated slots
@@ -111,19 +111,48 @@ class _Row:
     stop: str | int | None = None
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """Prompts being prefilled together, a chunk of columns at a time (`Engine.prefill_chunk`)."""
+
+    group: list[_Pending]
+    seqs: list[list[int]]        # the token ids fed (after a shared template prefix)
+    ids: torch.Tensor            # [b, W], left padded
+    mask: torch.Tensor           # [b, lead + W]: the cache's leading columns (template, prefix adapter), then ids'
+    positions: torch.Tensor      # [b, W]
+    offset: torch.Tensor         # [b]: leading cache columns that take no position (prefix adapters)
+    spans: list[tuple[int, int]]  # each row's own tokens, in ids' columns (Arrow reports count only those)
+    cache: DynamicCache | None
+    shared: bool                 # the cache starts with the shared chat-template prefix
+    done: int = 0                # columns of ids fed so far
+    last: torch.Tensor | None = None  # logits of the last column fed [b, V]
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+
 class Engine:
     """The routed model of one base, its running rows and their KV cache (see module docstring).
 
     `library` (optional) is where named LoRA experts are loaded from, at most `max_resident` at
     once (None: no bound); `use_experts` loads given experts instead (tests, benchmarks).
+    `prefill_chunk` bounds the prompt tokens fed between two decode steps: a long prompt is
+    prefilled a chunk per step, so the running rows wait at most one chunk's time for their next
+    token, and a prompt's activations (and its prompt logits) are held one chunk at a time.
     """
 
-    def __init__(self, base, library=None, max_resident: int | None = None, prefix_entries: int = 32):
+    def __init__(self, base, library=None, max_resident: int | None = None, prefix_entries: int = 32,
+                 prefill_chunk: int = 512):
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1 token")
         self.base, self.model, self.tok = base, base.model, base.tokenizer
         self.eos_id, self.pad_id = self.tok.eos_token_id, self.tok.pad_token_id
         device = next(self.model.parameters()).device
         self.experts = ResidentExperts(library, base.fingerprint, capacity=max_resident, device=device)
         self.rows: list[_Row] = []
+        self.prefilling: list[_Prefill] = []       # admitted prompts not yet fully prefilled, in order
+        self.prefill_chunk = self._budget = prefill_chunk  # _budget: prompt tokens left before the next decode
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None      # [rows, T]: 1 where a cached token is real
         self.pending: torch.Tensor | None = None   # [rows]: each row's last token, fed at the next step
@@ -172,7 +201,7 @@ class Engine:
         same-named other one replaced). `exclusive`: evict every other expert too, so routes that
         choose among all loaded experts (Arrow) choose among exactly these."""
         if exclusive:
-            if self.rows:
+            if self.busy:
                 raise RoutingError("the engine is serving other requests; cannot replace its experts")
             keep = {e.name for e in experts}
             for name in self.experts.slots.loaded():
@@ -194,8 +223,8 @@ class Engine:
     def pinned(self) -> set[str]:
         """The experts the running rows use (Arrow rows: every loaded expert)."""
         names: set[str] = set()
-        for r in self.rows:
-            route = r.pending.lora
+        for p in self._row_pendings() + [p for pf in self.prefilling for p in pf.group]:
+            route = p.lora
             if isinstance(route, Arrow):
                 names |= set(self.experts.slots.loaded())
             elif isinstance(route, dict):
@@ -292,11 +321,38 @@ class Engine:
                  and len(p.ids) > P and p.ids[:P] == self.template]
         rest = [p for p in live if p not in reuse]
         for group, shared in ((reuse, True), (rest, False)):
-            if group:
-                done += self._prefill(group, shared)
-        return done
+            for part in self._chunkable(group, P if shared else 0):
+                self.prefilling.append(self._prefill(part, shared))
+        return done + self._prefill_some()
 
-    def _prefill(self, group: list[_Pending], shared: bool) -> list[tuple[EngineRequest, Answer]]:
+    @property
+    def busy(self) -> bool:
+        """Whether rows run or prompts wait to be prefilled."""
+        return bool(self.rows or self.prefilling)
+
+    @property
+    def load(self) -> int:
+        """Samples running or being prefilled (what a batch bound counts)."""
+        return len(self.rows) + sum(p.req.params.n for pf in self.prefilling for p in pf.group)
+
+    def _chunkable(self, group: list[_Pending], skip: int) -> list[list[_Pending]]:
+        """`group` in order, cut so that each part's padded prompt tokens fit one chunk (a longer
+        prompt is a part alone, prefilled over several steps)."""
+        parts: list[list[_Pending]] = []
+        width = 0
+        for p in group:
+            n = len(p.ids) - skip
+            if parts and max(width, n) * (len(parts[-1]) + 1) <= self.prefill_chunk:
+                parts[-1].append(p)
+                width = max(width, n)
+            else:
+                parts.append([p])
+                width = n
+        return parts
+
+    def _prefill(self, group: list[_Pending], shared: bool) -> _Prefill:
+        """Set up a group's prefill: padded ids, mask, positions and the cache it starts from
+        (the shared template prefix, or prefix adapters' keys and values)."""
         P = len(self.template) if shared else 0
         seqs = [p.ids[P:] for p in group]
         ids, mask = left_pad(seqs, self.pad_id)
@@ -309,23 +365,51 @@ class Engine:
             cache, lead = self._prefix_cache(group)
         offset = torch.zeros(len(group), dtype=torch.long) if shared or lead is None else lead.sum(1)
         full_mask = mask if lead is None else torch.cat([lead.to(mask), mask], dim=1)
-        plan, family = self._plans_for(group)
-        if plan is not None:  # an Arrow report counts the request's own text, not the template
-            spans = []
-            for p, seq in zip(group, seqs):
-                lo, hi = p.span or (P, len(p.ids))
-                lo, hi = max(lo - P, 0), max(hi - P, 0)
-                spans.append((width - len(seq) + lo, width - len(seq) + hi) if lo < hi else
-                             (width - len(seq), width))
-            plan.content_spans = spans
-        full = any(p.req.params.prompt_logprobs for p in group)
+        spans = []  # an Arrow report counts the request's own text, not the template
+        for p, seq in zip(group, seqs):
+            lo, hi = p.span or (P, len(p.ids))
+            lo, hi = max(lo - P, 0), max(hi - P, 0)
+            spans.append((width - len(seq) + lo, width - len(seq) + hi) if lo < hi else (width - len(seq), width))
+        for p in group:  # from the start (again, when a group was cut)
+            p.prompt_logprobs = [None] if p.req.params.prompt_logprobs else None  # the first token has none
+            p.arrow_sums, p.module_sums, p.arrow_tokens = {}, {}, 0.0
+        return _Prefill(group, seqs, ids, full_mask, positions, offset, spans, cache, shared)
+
+    def _prefill_some(self) -> list[tuple[EngineRequest, Answer]]:
+        """Feed waiting prompts, in order, within the tokens left before the next decode step
+        (all of `prefill_chunk` when no row runs: nobody waits then); finished prefills join."""
+        if not self.rows:
+            self._budget = self.prefill_chunk
+        done: list[tuple[EngineRequest, Answer]] = []
+        while self.prefilling and self._budget > 0:
+            pf = self.prefilling[0]
+            cols = min(pf.width - pf.done, max(1, self._budget // len(pf.group)))
+            self._budget -= cols * len(pf.group)
+            done += self._advance(pf, cols)
+        return done
+
+    def _advance(self, pf: _Prefill, cols: int) -> list[tuple[EngineRequest, Answer]]:
+        """Feed the next `cols` columns of a prefill; when its prompts are done, their samples start."""
+        c0, c1 = pf.done, pf.done + cols
+        plan, family = self._plans_for(pf.group)
+        if plan is not None:
+            plan.content_spans = [(min(max(lo - c0, 0), cols), min(max(hi - c0, 0), cols)) for lo, hi in pf.spans]
+        full = any(p.req.params.prompt_logprobs for p in pf.group)
+        ids = pf.ids[:, c0:c1]
+        lead = pf.mask.shape[1] - pf.width
         with self._applied(plan, family):
-            logits, cache = forward(self.model, ids, full_mask, cache, positions=positions,
-                                    logits_to_keep=0 if full else last_position(ids))
-        self._harvest(plan, group)
+            logits, pf.cache = forward(self.model, ids, pf.mask[:, :lead + c1], pf.cache,
+                                       positions=pf.positions[:, c0:c1],
+                                       logits_to_keep=0 if full else last_position(ids))
+        self._harvest(plan, pf.group)
+        logits = logits.float()
         if full:
-            self._prompt_logprobs(group, seqs, logits.float())
-        return self._start_samples(group, logits[:, -1, :].float(), cache, full_mask, offset)
+            self._prompt_logprobs(pf, logits, c0, c1)
+        pf.done, pf.last = c1, logits[:, -1, :]
+        if pf.done < pf.width:
+            return []
+        self.prefilling.remove(pf)
+        return self._start_samples(pf.group, pf.last, pf.cache, pf.mask, pf.offset)
 
     def _start_samples(self, group: list[_Pending], last: torch.Tensor, cache: DynamicCache, mask: torch.Tensor,
                        offset: torch.Tensor) -> list[tuple[EngineRequest, Answer]]:
@@ -371,16 +455,21 @@ class Engine:
             cache.update(rp.keys[layer].to(dtype), rp.values[layer].to(dtype), layer)
         return cache, rp.row_mask
 
-    def _prompt_logprobs(self, group: list[_Pending], seqs: list[list[int]], logits: torch.Tensor) -> None:
-        """Each prompt token's log-probability given the tokens before it (the first has none)."""
-        width = logits.shape[1]
-        for row, (p, s) in enumerate(zip(group, seqs)):
+    def _prompt_logprobs(self, pf: _Prefill, logits: torch.Tensor, c0: int, c1: int) -> None:
+        """Append the log-probabilities of the prompt tokens in columns (c0, c1] given the tokens
+        before them: logits [b, c1 - c0, V] of this chunk, column c0's from the chunk before."""
+        for row, (p, seq) in enumerate(zip(pf.group, pf.seqs)):
             if not p.req.params.prompt_logprobs:
                 continue
-            n = len(s)
-            logp = torch.log_softmax(logits[row, width - n:width - 1], dim=-1)
-            entries = logprob_entries(logp, s[1:], p.req.params.logprobs or 0) if n > 1 else []
-            p.prompt_logprobs = [None] + entries
+            first = pf.width - len(seq) + 1  # the first scored column: the prompt's second token
+            k = p.req.params.logprobs or 0
+            if pf.last is not None and c0 >= first:
+                p.prompt_logprobs += logprob_entries(torch.log_softmax(pf.last[row:row + 1], -1),
+                                                     [int(pf.ids[row, c0])], k)
+            lo = max(first, c0 + 1)
+            if lo < c1:
+                logp = torch.log_softmax(logits[row, lo - 1 - c0:c1 - 1 - c0], dim=-1)
+                p.prompt_logprobs += logprob_entries(logp, pf.ids[row, lo:c1].tolist(), k)
 
     def _take(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Choose and record each row's next token; the indices of the rows still running."""
@@ -503,21 +592,39 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[EngineRequest, Answer]]:
-        """Drop rows whose request asks to stop, then one decode step for the rest; returns the
-        requests that finished."""
+        """Drop rows and prefills whose request asks to stop, then one decode step for the rest
+        and a chunk of the waiting prompts; returns the requests that finished."""
         asked: dict[int, str | None] = {}
+
+        def reason(req: EngineRequest) -> str | None:
+            if req.should_stop is not None and id(req) not in asked:
+                asked[id(req)] = req.should_stop()
+            return asked.get(id(req))
+
         for r in self.rows:
-            req = r.pending.req
-            if req.should_stop is not None:
-                if id(req) not in asked:
-                    asked[id(req)] = req.should_stop()
-                if asked[id(req)]:
-                    r.finish = asked[id(req)]
+            r.finish = reason(r.pending.req) or r.finish
         done = self._finish([r for r in self.rows if r.finish is not None])
         if done or any(r.finish for r in self.rows):
             self._drop([i for i, r in enumerate(self.rows) if r.finish is None])
-        if not self.rows:
-            return done
+        for pf in [pf for pf in self.prefilling if any(reason(p.req) for p in pf.group)]:
+            self.prefilling.remove(pf)  # a group stops whole; the others are started again
+            done += self._end([p for p in pf.group if reason(p.req)], asked)
+            rest = [p for p in pf.group if not reason(p.req)]
+            if rest:
+                self.prefilling.insert(0, self._prefill(rest, pf.shared))
+        if self.rows:
+            done += self._decode()
+            self._budget = self.prefill_chunk
+        return done + self._prefill_some()
+
+    def _end(self, pendings: list[_Pending], reasons: dict[int, str | None]) -> list[tuple[EngineRequest, Answer]]:
+        """Answer requests that stopped before their first token (every sample with the reason)."""
+        for p in pendings:
+            p.samples = [Sample(i, [], "", reasons[id(p.req)]) for i in range(p.req.params.n)]
+        return [(p.req, p.answer()) for p in pendings]
+
+    def _decode(self) -> list[tuple[EngineRequest, Answer]]:
+        """One token for every running row."""
         self._sync_layers()
         if self.plan is None and self.family_plan is None or self._plan_version != self.experts.slots.version:
             self._harvest(self.plan, self._row_pendings())
@@ -529,7 +636,7 @@ class Engine:
             logits, self.cache = forward(self.model, self.pending.unsqueeze(1), mask, self.cache, positions=positions)
         self.mask = mask
         keep = self._take(self.rows, logits[:, -1, :].float())
-        done += self._finish([r for r in self.rows if r.finish is not None])
+        done = self._finish([r for r in self.rows if r.finish is not None])
         self.pending = torch.tensor([r.tokens[-1] if r.tokens else self.pad_id for r in self.rows])
         if len(keep) < len(self.rows):
             self._drop(keep)
@@ -554,10 +661,14 @@ class Engine:
                 layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
 
     def clear(self, reason: str) -> list[tuple[EngineRequest, Answer]]:
-        """End every running row with `reason` (after a failure); returns their requests."""
+        """End every running row and waiting prefill with `reason` (after a failure); returns
+        their requests."""
         for r in self.rows:
             r.finish = r.finish or reason
         done = self._finish(self.rows)
+        waiting = [p for pf in self.prefilling for p in pf.group]
+        self.prefilling = []
+        done += self._end(waiting, {id(p.req): reason for p in waiting})
         self.rows, self.cache, self.mask, self.pending, self.offset = [], None, None, None, None
         self.plan = self.family_plan = None
         return done
@@ -569,15 +680,15 @@ class Engine:
                 self.check(r)
             except RoutingError as e:
                 raise RoutingError(f"request {i}: {e}") from None
-        if self.rows:
+        if self.busy:
             raise RoutingError("the engine is serving other requests; use add/step")
         answers: dict[int, Answer] = {}
         queue = list(requests)
         try:
-            while queue or self.rows:
-                room = max_batch - len(self.rows)
+            while queue or self.busy:
+                room = max_batch - self.load
                 take = []
-                while queue and (not take and not self.rows or room >= queue[0].params.n):
+                while queue and (not take and not self.busy or room >= queue[0].params.n):
                     room -= queue[0].params.n
                     take.append(queue.pop(0))
                 done = self.add(take) if take else []

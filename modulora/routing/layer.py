@@ -386,7 +386,7 @@ class RoutingPlan:
                 v = valid if g.rows is None else valid.index_select(0, g.rows)
                 fwd.seq[id(g)] = g.w.unsqueeze(1) * v.unsqueeze(2).to(dtype)          # [rows, t, k]
         counted = valid
-        if self.content_spans is not None and t > 1:
+        if self.content_spans is not None:
             pos = torch.arange(t, device=dev)
             spans = [self.content_spans[i] for i in self.origin]
             lo = torch.tensor([a for a, _ in spans], device=dev).unsqueeze(1)

@@ -72,13 +72,14 @@ class Scheduler:
 
     def __init__(self, base, library, max_batch: int = 16, batch_wait_ms: float = 10, queue_size: int = 64,
                  max_resident_experts: int | None = None, prefix_cache: int = 32, join_min: int = 8,
-                 join_wait_steps: int = 3):
+                 join_wait_steps: int = 3, prefill_chunk: int = 512):
         if max_batch < 1 or queue_size < 1:
             raise ValueError("max_batch and queue_size must be at least 1")
         if join_min < 1 or join_wait_steps < 0:
             raise ValueError("join_min must be at least 1 and join_wait_steps at least 0")
         self.base, self.router = base, Router(base, library)
-        self.engine = Engine(base, library, max_resident=max_resident_experts, prefix_entries=prefix_cache)
+        self.engine = Engine(base, library, max_resident=max_resident_experts, prefix_entries=prefix_cache,
+                             prefill_chunk=prefill_chunk)
         self.resident = self.engine.experts
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -157,7 +158,7 @@ class Scheduler:
             try:
                 if not self._hold():
                     self._admit()
-                if self.engine.rows:
+                if self.engine.busy:
                     rows = len(self.engine.rows)
                     finished = self.engine.step()
                     self.steps += 1
@@ -173,11 +174,11 @@ class Scheduler:
 
     def _hold(self) -> bool:
         """Whether to let waiting prompts gather for one more decode step before they join."""
-        if not self.engine.rows:
+        if not self.engine.busy:
             self._holding_since = None
             return False
         waiting = self.waiting()
-        enough = min(self.join_min, self.max_batch - len(self.engine.rows))
+        enough = min(self.join_min, self.max_batch - self.engine.load)
         if waiting == 0 or waiting >= enough:
             self._holding_since = None
             return waiting == 0
@@ -215,10 +216,10 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Let waiting items join the running batch (between two decode steps)."""
-        free = self.max_batch - len(self.engine.rows)
+        free = self.max_batch - self.engine.load
         if free <= 0:
             return
-        idle = not self.engine.rows and not self.deferred
+        idle = not self.engine.busy and not self.deferred
         fresh = [it for it in self._take(max(free - len(self.deferred), 0), wait=idle)
                  if it.future.set_running_or_notify_cancel()]
         if not fresh and not self.deferred:
@@ -296,7 +297,7 @@ class Scheduler:
                 self._fail(it, APIError(400, msg, param="model", code="too_many_experts"))
                 continue
             rows = it.params.n
-            alone = not admit and not self.engine.rows  # a request wider than the batch runs alone
+            alone = not admit and not self.engine.busy  # a request wider than the batch runs alone
             if (rows > free and not alone) or (need and (blocked or not self.resident.fits(need, pinned))):
                 blocked = blocked or bool(need)
                 self.deferred.append(it)
