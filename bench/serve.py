@@ -64,6 +64,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(lib_path: Path, cwd: Path, log_path: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, float]:
+    """`modulora serve` on a free port of 127.0.0.1 as a subprocess of this interpreter, run from
+    `cwd` (so that PYTHONPATH decides which modulora runs), its output in `log_path`; returns once
+    /health answers 200: (process, URL, seconds to start). Exits when the server dies first."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "modulora.cli"]
+    t_start = time.perf_counter()
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        server = subprocess.Popen(cli + ["--library", str(lib_path), "serve", "--port", str(port),
+                                         "--log-level", "warning", *extra],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"server exited: {Path(log_path).read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    startup = time.perf_counter() - t_start
+    print(f"server up in {startup:.1f} s (pid {server.pid}, port {port})", flush=True)
+    return server, url, startup
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (uvicorn's graceful stop), then SIGKILL after 60 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def prompts_for(name: str, task: str | None) -> list[str]:
     t = make_task(task or "capital", n=40, seed=1)
     return [user_text(ex) for ex in t.examples]
@@ -369,25 +406,9 @@ def main() -> None:
     subprocess.run(cli + ["--library", str(lib_path), "library", "export", names[0], str(export_dir)],
                    check=True, cwd=tmp)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "w")
-    t_start = time.perf_counter()
-    server = subprocess.Popen(cli + ["--library", str(lib_path), "serve", "--port", str(port),
-                                     "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     load1 = os.getloadavg()[0]
+    server, url, startup = start_server(lib_path, tmp, tmp / "server.log")
     try:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {(tmp / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        startup = time.perf_counter() - t_start
-        print(f"server up in {startup:.1f} s (pid {server.pid}, port {port})", flush=True)
         run_clients(url, names, prompts, len(names), 2, args.max_tokens)  # warm-up, not counted
 
         watch = ServerWatch(server.pid, args.quiet_threshold, args.max_wait, args.max_tries)
@@ -410,13 +431,7 @@ def main() -> None:
         final_metrics = httpx.get(f"{url}/metrics", timeout=30).text
         health = httpx.get(f"{url}/health", timeout=10).json()
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        stop_server(server)
     load2 = os.getloadavg()[0]
     server_errors = [ln for ln in (tmp / "server.log").read_text().splitlines() if "Traceback" in ln or "ERROR" in ln]
     whole, notes = library_whole(lib_path, s["live"] if s else [], originals)

@@ -197,3 +197,34 @@ def test_the_queue_is_429_when_full_now_and_400_when_it_never_could_hold(tiny, t
         sched.submit([_Item([1], "x", "base") for _ in range(3)])  # never fits
     assert e.value.status == 400 and e.value.param == "prompt" and "3" in e.value.message and "2" in e.value.message
     assert sched.queue.qsize() == 1
+
+
+# -- the context, checked before queueing ----------------------------------------------------------
+
+def test_a_prompt_past_the_context_is_refused_before_it_is_queued(tiny, tmp_path):
+    """A prompt that cannot fit is a 400 naming the numbers, without waiting for the worker; a
+    huge one is refused before it is even tokenized (a lower bound on its tokens suffices)."""
+    from modulora.library import Library
+    from modulora.serve import create_app
+
+    with TestClient(create_app(tiny, Library(tmp_path / "lib"))) as client:
+        check_context(client, tiny)
+
+
+def check_context(client, tiny):
+    import time
+
+    context = tiny.model.config.max_position_embeddings
+    words = " ".join(["river"] * context)
+    r = client.post("/v1/completions", json={**COMPLETION, "prompt": words, "max_tokens": 2})
+    assert_error(r, 400, "prompt", f"context of {context} tokens", "max_tokens is 2")
+    assert "at least" not in r.json()["error"]["message"]  # tokenized: the exact count
+    huge = "x" * (3 << 20)
+    start = time.perf_counter()
+    for body, path in (({**COMPLETION, "prompt": huge}, "/v1/completions"),
+                       ({**CHAT, "messages": [{"role": "user", "content": huge}]}, "/v1/chat/completions")):
+        r = client.post(path, json=body)
+        assert_error(r, 400, "prompt", "at least", f"context of {context} tokens")
+        assert "at least" in r.json()["error"]["message"]
+    assert time.perf_counter() - start < 2.0  # tokenizing 3 MB twice would take far longer
+    assert client.post("/v1/completions", json=COMPLETION).status_code == 200

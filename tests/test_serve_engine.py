@@ -383,3 +383,43 @@ def test_a_request_stopped_while_prefilling_leaves_at_once(base, lib):
     assert {id(r) for r, _ in done} == {id(long), id(other)}
     assert eng.clear("error") == [] and eng.load == 0
     eng.release()
+
+
+def test_a_request_is_answered_by_the_versions_it_arrived_with(base, tmp_path, random_library, random_lora):
+    """Versions are pinned when a request arrives: a newer upload while it waits does not change
+    its answer (the older version is loaded for it), a delete and re-upload is a 409 naming the
+    adapter, and the routing trace names the versions."""
+    from modulora.base import load_base
+    from modulora.serve import Scheduler, _Item
+    from modulora.serve.errors import APIError
+
+    lib = random_library(tmp_path, ["a", "b"])
+    arrived = {r.name: (r.version, r.object_id) for r in lib.list()}
+    maker = load_base("tiny")
+    s = Scheduler(base, lib)
+    s.start()
+    try:
+        def ask(route, pins=None):
+            it = _Item(base.tokenizer("Peru")["input_ids"], "Peru", route, params=SamplingParams(max_tokens=6))
+            if pins:
+                it.pins = dict(pins)
+            s.submit([it])
+            return it.future.result(timeout=60)
+
+        first = ask("a")
+        assert first.versions == {"a": 1}
+        lib.add("a", random_lora(maker.model, tmp_path / "a2", 7, maker.fingerprint), maker.fingerprint)
+        newer = ask("a")
+        assert newer.versions == {"a": 2} and newer.token_ids != first.token_ids
+        pinned = ask("a", arrived)  # arrived before version 2: answered by version 1
+        assert pinned.versions == {"a": 1} and pinned.token_ids == first.token_ids
+        assert ask("a").token_ids == newer.token_ids  # and the next one by version 2 again
+        lib.remove("b")
+        lib.add("b", random_lora(maker.model, tmp_path / "b2", 8, maker.fingerprint), maker.fingerprint)
+        with pytest.raises(APIError) as e:
+            ask("a:0.5,b:0.5", arrived)
+        assert e.value.status == 409 and "adapter b (version 1" in str(e.value) and "replaced" in str(e.value)
+        assert ask("a:0.5,b:0.5").versions == {"a": 2, "b": 2}
+    finally:
+        s.stop()
+        s.engine.release()

@@ -95,7 +95,7 @@ def test_tokens_are_streamed_while_the_row_generates(url):
     assert "".join(pieces) == full["choices"][0]["text"]
     assert len(pieces) > 20  # many chunks (a chunk per token, some held back while a character is split)
     assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 300
-    assert last["routing"] == [{"index": 0, "experts": {"a": 1.0}}]
+    assert last["routing"] == [{"index": 0, "experts": {"a": 1.0}, "versions": {"a": 1}}]
 
 
 def _collect(events, pieces, probe):

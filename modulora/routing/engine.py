@@ -169,6 +169,7 @@ class Engine:
         self.prefix_entries = prefix_entries
         self._prefixes: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.prefix_hits = self.prefix_misses = 0
+        self._longest_token: int | None = None  # UTF-8 bytes of the vocabulary's longest token (least_tokens)
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -215,9 +216,10 @@ class Engine:
         routable, beside those already known (same names are replaced)."""
         self.family.update(experts)
 
-    def ensure_experts(self, names: set[str]) -> None:
-        """Make the named library experts resident, beside the ones the running rows use."""
-        self.experts.ensure(names, self.pinned())
+    def ensure_experts(self, names: set[str], pins: dict[str, tuple[int, str]] | None = None) -> None:
+        """Make the named library experts resident (the versions in `pins` where given), beside
+        the ones the running rows and prefills use."""
+        self.experts.ensure(names, self.pinned(), pins)
         self._sync_layers()
 
     def pinned(self) -> set[str]:
@@ -262,12 +264,24 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RoutingError(f"prompt token ids must be integers in [0, {vocab})")
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if context and len(ids) + req.params.max_tokens > context:
-            raise RoutingError(f"the prompt has {len(ids)} tokens and max_tokens is {req.params.max_tokens}: "
-                               f"together more than this model's context of {context} tokens; shorten the prompt "
-                               "or ask for fewer tokens")
+        self.check_length(len(ids), req.params.max_tokens)
         self._split(req)
+
+    def check_length(self, n: int, max_tokens: int, at_least: bool = False) -> None:
+        """RoutingError if a prompt of `n` tokens (`at_least`: n is a lower bound) and `max_tokens`
+        new ones pass the model's context."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and n + max_tokens > context:
+            raise RoutingError(f"the prompt has {'at least ' if at_least else ''}{n} tokens and max_tokens is "
+                               f"{max_tokens}: together more than this model's context of {context} tokens; "
+                               "shorten the prompt or ask for fewer tokens")
+
+    def least_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text`, found without tokenizing it (its UTF-8 bytes over
+        the longest token's), so that a huge prompt is refused at once."""
+        if self._longest_token is None:
+            self._longest_token = max(len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab())
+        return -(-len(text.encode("utf-8", "surrogatepass")) // max(1, self._longest_token))
 
     def _prompt(self, req: EngineRequest) -> tuple[list[int], tuple[int, int] | None]:
         """A request's token ids and own span (text is rendered as adapters are trained)."""

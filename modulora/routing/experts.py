@@ -45,6 +45,7 @@ class LoraExpert:
     # where derived data (Arrow prototypes) is cached; None for experts read from plain directories
     library: object | None = field(default=None, repr=False, compare=False)
     scaling: float = 1.0  # always 1.0: the scaling is part of B
+    version: int | None = None  # the library version (None: read from a plain directory)
 
 
 def expert_from_parts(name: str, cfg, tensors: dict[str, torch.Tensor], card: dict | None = None,
@@ -186,8 +187,10 @@ def _library_expert(library, rec, fingerprint: dict | None) -> LoraExpert:
         cfg, tensors, card = read_adapter(rec.path)
     except AdapterError as e:
         raise RoutingError(f"cannot read adapter {rec.ref}: {e}") from None
-    return expert_from_parts(rec.name, cfg, tensors, card if card is not None else rec.card,
-                             object_id=rec.object_id, library=library)
+    e = expert_from_parts(rec.name, cfg, tensors, card if card is not None else rec.card,
+                          object_id=rec.object_id, library=library)
+    e.version = rec.version
+    return e
 
 
 def load_experts_from_dirs(paths, names: list[str] | None = None,

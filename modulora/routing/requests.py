@@ -168,6 +168,7 @@ class Answer:
     experts: dict[str, float]  # expert -> weight (sequence route) or mean weight (Arrow); {} = base
     per_layer: dict[str, dict[str, float]] | None = None  # module -> expert -> mean weight (explain)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None: nothing predicts it
+    versions: dict[str, int] | None = None  # expert -> library version that answered (set by the server)
 
     @property
     def text(self) -> str:

@@ -10,7 +10,9 @@ server answer from a library larger than it can hold at once.
 (`slots.ExpertSlots.load`), evicting the least recently used ones that no running request uses
 (`pinned`) to make room; nothing else is copied. An expert whose library version changed
 (re-uploaded, deleted) is dropped at the next look-up unless a running request still uses it; a
-request for the new version then waits for that one.
+request for the new version then waits for that one. A request may want given versions (`pins`:
+name -> (version, object id), what the library held when the request arrived): those are loaded
+instead of the latest, and if the library no longer holds one the request is refused.
 
 Routes that choose among the whole library need the whole library resident: Arrow (per token,
 from every expert's prototype) and `uniform`. With more LoRA adapters than `capacity` they
@@ -51,21 +53,29 @@ class ResidentExperts:
         e = self.slots.experts[self.slots.index(name)]
         return e.object_id
 
-    def fits(self, needed: set[str], pinned: set[str]) -> bool:
+    def _wanted(self, pins: dict[str, tuple[int, str]] | None) -> dict[str, str | None]:
+        """name -> the object id a request wants: its pinned one, else the library's latest."""
+        ids = dict(self.library.latest_object_ids())
+        ids.update({n: oid for n, (_, oid) in (pins or {}).items()})
+        return ids
+
+    def fits(self, needed: set[str], pinned: set[str], pins: dict[str, tuple[int, str]] | None = None) -> bool:
         """Whether `needed` can be resident together with the experts running requests use.
 
-        False too while a pinned expert is an older version of a needed one (the names clash)."""
+        False too while a pinned expert is another version of a needed one (the names clash)."""
         if self.capacity is not None and len(needed | pinned) > self.capacity:
             return False
-        ids = self.library.latest_object_ids()
-        return not any(n in pinned and n in self._lru and self._object_id(n) != ids.get(n) for n in needed)
+        want = self._wanted(pins)
+        return not any(n in pinned and n in self._lru and self._object_id(n) != want.get(n) for n in needed)
 
-    def ensure(self, needed: set[str], pinned: set[str] = frozenset()) -> None:
-        """Make `needed` resident (from the library) beside `pinned`. RoutingError for unknown
-        names, unreadable adapters, or more than fit."""
-        ids = self.library.latest_object_ids()
+    def ensure(self, needed: set[str], pinned: set[str] = frozenset(),
+               pins: dict[str, tuple[int, str]] | None = None) -> None:
+        """Make `needed` resident (from the library; the versions in `pins` where given) beside
+        `pinned`. RoutingError for unknown names, unreadable adapters, a pinned version the
+        library no longer holds, or more than fit."""
+        want = self._wanted({n: v for n, v in (pins or {}).items() if n in needed})
         for name in list(self._lru):  # stale copies nobody uses any more
-            if name not in pinned and self._object_id(name) != ids.get(name):
+            if name not in pinned and self._object_id(name) != want.get(name):
                 self._evict(name, counted=False)
         missing = []
         with self._lock:
@@ -76,10 +86,28 @@ class ResidentExperts:
                 else:
                     missing.append(name)
         if missing:
-            loaded = load_experts(self.library, missing, fingerprint=self.fingerprint)  # disk: outside the lock
+            pins = {n: pins[n] for n in missing if n in (pins or {})}
+            self.check_pins(pins)
+            refs = [f"{n}@{pins[n][0]}" if n in pins else n for n in missing]
+            loaded = load_experts(self.library, refs, fingerprint=self.fingerprint)  # disk: outside the lock
             self.put(loaded, keep=set(needed) | set(pinned))
             with self._lock:
                 self.misses += len(loaded)
+
+    def check_pins(self, pins: dict[str, tuple[int, str]]) -> None:
+        """RoutingError if the library no longer holds a pinned version (deleted, or the name
+        removed and added again)."""
+        from ..library import LibraryError
+
+        for name, (version, oid) in pins.items():
+            try:
+                same = self.library.get(name, version).object_id == oid
+            except LibraryError:
+                same = False
+            if not same:
+                raise RoutingError(f"adapter {name} (version {version}, the one this request arrived with) was "
+                                   "deleted or replaced while it waited; send the request again to use what the "
+                                   "library holds now")
 
     def put(self, experts: list[LoraExpert], keep: set[str] = frozenset()) -> None:
         """Copy `experts` into slots (an expert object already in its slot stays), evicting least

@@ -3,7 +3,7 @@
     modulora serve --library PATH --host 127.0.0.1 --port 8000 [--api-key KEY] [--base B]
                    [--max-resident-experts N] [--request-timeout S] [--log-format json|text]
                    [--allowed-adapter-dir DIR ...] [--max-tokens N] [--max-prompts N] [--max-messages N]
-                   [--max-body-mb MB]
+                   [--max-body-mb MB] [--body-timeout S]
 
 Endpoints: `GET /health`, `GET /metrics`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 `POST /v1/chat/completions`, `POST /v1/adapters`, `GET /v1/adapters/{name}`, `DELETE /v1/adapters/{name}`,
@@ -53,6 +53,8 @@ Requests:
   for max_tokens / max_completion_tokens (an omitted one gets the smaller of its default and this),
   `--max-prompts` (64) prompts per completions request (and never more than `--queue-size`),
   `--max-messages` (512) messages per chat; `--max-body-mb` (8) bounds a JSON body (413).
+  A request body (JSON or upload) must arrive whole within `--body-timeout` seconds (30; 0: no
+  limit), else 408 `body_timeout` and the connection is closed.
 - Text that is not valid Unicode (a lone surrogate such as JSON's "\\ud800") and route weights that
   are not finite or underflow (`a:1e-320,b:1`) are 400 naming them.
 

@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -25,12 +26,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import upload
-from .errors import APIError
+from .errors import APIError, error_responses
 from .metrics import Metrics, endpoint_of
 from ..routing.api import parse_fixed
 from ..routing.experts import RoutingError
-from .protocol import (SPECIAL_MODELS, ChatBody, CompletionBody, DetokenizeBody, LoadLoRABody, TokenizeBody,
-                       UnloadLoRABody, _error, chat_messages, chat_params, check_bounds, check_text,
+from .protocol import (SPECIAL_MODELS, STREAM_OK, UPLOAD_OPENAPI, ChatBody, CompletionBody, DetokenizeBody,
+                       LoadLoRABody, TokenizeBody, UnloadLoRABody, _error, chat_messages, chat_params, check_bounds, check_text,
                        completion_params, completion_prompts)
 from ..cli import STORAGE_WORDS, storage_problem
 from .request_log import log_request
@@ -209,11 +210,13 @@ class _Gate:
 class _BodyLimit:
     """Plain ASGI middleware: the JSON endpoints' request bodies are refused with 413 past
     `limit` bytes, by their Content-Length before reading, else as counted while reading (a
-    chunked body declares none); the body read is then handed to the app. Adapter uploads
-    (`POST /v1/adapters`) have their own limit and pass untouched."""
+    chunked body declares none), and with 408 (the connection closed) unless the whole body
+    arrives within `timeout` seconds (None: no limit), so a client that declares a large body
+    and stalls holds nothing; the body read is then handed to the app. Adapter uploads
+    (`POST /v1/adapters`) have their own limits (`upload.read_body`) and pass untouched."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float | None = None):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS")
@@ -231,16 +234,22 @@ class _BodyLimit:
                 await too_big(scope, receive, send)
                 return
         chunks, total, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left: the app sees that after the body
-                break
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if total > self.limit:
-                await too_big(scope, receive, send)
-                return
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more and total <= self.limit:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left: the app sees that after the body
+                        break
+                    chunks.append(message.get("body", b""))
+                    total += len(chunks[-1])
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            late = upload.body_timed_out(self.timeout)
+            await _error(late.status, late.message, code=late.code, headers=late.headers)(scope, receive, send)
+            return
+        if total > self.limit:
+            await too_big(scope, receive, send)
+            return
         pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": more}]
         if more:
             pending.append(message)
@@ -256,7 +265,8 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
                queue_size: int = 64, max_upload_bytes: int = 256 << 20, max_resident_experts: int | None = None,
                request_timeout: float | None = 300.0, prefix_cache: int = 32,
                allowed_adapter_dirs: Iterable[str | os.PathLike] | None = None, max_tokens: int = 4096,
-               max_prompts: int = 64, max_messages: int = 512, max_body_bytes: int = 8 << 20) -> FastAPI:
+               max_prompts: int = 64, max_messages: int = 512, max_body_bytes: int = 8 << 20,
+               body_timeout: float | None = 30.0, prefill_chunk: int = 512) -> FastAPI:
     """The FastAPI app; its worker thread starts and stops with the app's lifespan.
 
     `max_upload_bytes` bounds an adapter upload's request body and, separately, the unpacked
@@ -266,11 +276,20 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     the directories `POST /v1/load_lora_adapter` may load from (None or empty: that endpoint is off);
     `max_tokens` the tokens a request may ask to generate, `max_prompts` the prompts of a
     completions request, `max_messages` the messages of a chat, `max_body_bytes` the body of a
-    JSON request (more -> 400, 400, 400, 413)."""
+    JSON request (more -> 400, 400, 400, 413); `body_timeout` the seconds a request body (JSON or
+    upload) may take to arrive whole (more -> 408, the connection closed; None: no limit);
+    `prefill_chunk` the prompt tokens fed between two decode steps (a longer prompt is prefilled
+    over several steps, so it delays the running requests by at most one chunk's time each step).
+
+    Uploads are parsed, unpacked and added in a pool of UPLOAD_WORKERS threads of their own, so
+    however many arrive they never take the default pool's threads, which completions and the
+    other handlers use (library listings, the tokenizer)."""
     if min(max_tokens, max_prompts, max_messages, max_body_bytes) < 1:
         raise ValueError("max_tokens, max_prompts, max_messages and max_body_bytes must be at least 1")
     if request_timeout is not None and request_timeout <= 0:
         raise ValueError("request_timeout must be > 0 (None: no limit)")
+    if body_timeout is not None and body_timeout <= 0:
+        raise ValueError("body_timeout must be > 0 (None: no limit)")
     allowed_dirs = [Path(os.path.realpath(d)) for d in allowed_adapter_dirs or ()]
     for d in allowed_dirs:
         if not d.is_dir():
@@ -292,24 +311,30 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     if removed:
         _log.info("removed %d upload staging folder(s) left by a stopped server in %s", removed, staging)
     scheduler = Scheduler(base, library, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
-                          max_resident_experts=max_resident_experts, prefix_cache=prefix_cache)
+                          max_resident_experts=max_resident_experts, prefix_cache=prefix_cache,
+                          prefill_chunk=prefill_chunk)
     metrics = scheduler.metrics
     tok = base.tokenizer
     max_len, vocab_size = max_model_len(base), len(tok)
 
+    uploads = upload_pool()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal uploads
         scheduler.start()
         try:
             yield
         finally:
             scheduler.stop()
+            uploads.shutdown(wait=False, cancel_futures=True)
+            uploads = upload_pool()  # threads start when used: a fresh pool, should the app start again
 
     app = FastAPI(title="modulora", lifespan=lifespan)
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.state.storage = storage
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=max_body_bytes, timeout=body_timeout)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)  # added last: the outer one
 
     @app.exception_handler(APIError)
@@ -351,7 +376,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     async def adapter_names() -> set[str]:
         return {r.name for r in await asyncio.to_thread(library.list)}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The worker is not running (body: status \"stopped\")"}})
     async def health():
         """200 "ok"; 200 "degraded" when the library's storage is full or read-only (uploads and
         deletes answer 507, reads and completions work); 503 "stopped" when the worker is not."""
@@ -361,26 +386,29 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         return JSONResponse({"status": status, **disk, "queued": scheduler.waiting(),
                              "running": len(scheduler.engine.rows)}, status_code=200 if alive else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_text():
         eng = scheduler.engine
         return PlainTextResponse(metrics.render(scheduler.waiting(), len(eng.rows), scheduler.resident.stats(),
                                                 (eng.prefix_hits, eng.prefix_misses)),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post("/v1/adapters", status_code=201, responses=error_responses(400, 401, 408, 409, 413, 422, 507),
+              openapi_extra=UPLOAD_OPENAPI)
     async def upload_adapter(request: HTTPRequest):
         created = False
+        loop = asyncio.get_running_loop()
         try:
-            body = await upload.read_body(request, max_upload_bytes)
-            fields, files = upload.parse_multipart(body, request.headers.get("content-type", ""))
+            body = await upload.read_body(request, max_upload_bytes, body_timeout)
+            fields, files = await loop.run_in_executor(uploads, upload.parse_multipart, body,
+                                                       request.headers.get("content-type", ""))
             del body
             name = upload.check_upload_name(fields.get("name", ""), SPECIAL_MODELS)
             request.state.log["adapter"] = name
-            adapter_files = await asyncio.to_thread(upload.adapter_files, files, max_upload_bytes)
+            adapter_files = await loop.run_in_executor(uploads, upload.adapter_files, files, max_upload_bytes)
             del files
-            rec = await asyncio.to_thread(upload.add_to_library, library, name, adapter_files, base.fingerprint,
-                                          staging)
+            rec = await loop.run_in_executor(uploads, upload.add_to_library, library, name, adapter_files,
+                                             base.fingerprint, staging)
             created = True
         finally:
             metrics.upload(created)
@@ -395,15 +423,15 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         try:
             return await asyncio.to_thread(call, name)
         except LibraryError as e:
-            raise APIError(404, str(e), param="name", code="adapter_not_found") from None
+            raise upload.refusal(e, APIError(404, str(e), param="name", code="adapter_not_found")) from None
 
-    @app.get("/v1/adapters/{name}")
+    @app.get("/v1/adapters/{name}", responses=error_responses(404))
     async def show_adapter(name: str):
         info = await on_adapter(library.show, name)
         info.pop("path", None)  # the server's file system is not the client's business
         return info
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete("/v1/adapters/{name}", responses=error_responses(400, 401, 404, 408, 413, 507))
     async def delete_adapter(name: str):
         n = await on_adapter(library.remove, name)
         metrics.delete()
@@ -419,7 +447,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         names = sorted(await adapter_names()) + list(SPECIAL_MODELS)
         return {"object": "list", "data": [model_card(n, created) for n in names]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(404))
     async def model(model_id: str):
         if model_id not in SPECIAL_MODELS and model_id not in await adapter_names():
             raise APIError(404, f"the model {model_id!r} does not exist; GET /v1/models lists them", param="model",
@@ -441,7 +469,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
 
     # -- the tokenizer (vLLM's /tokenize and /detokenize): every model shares the base's ----------
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=error_responses(400, 404, 408, 413))
     async def tokenize(body: TokenizeBody):
         await check_model(body.model)
         if body.messages is not None:
@@ -472,7 +500,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
                 "unk_token": special("unk_token"), "chat_template": getattr(tok, "chat_template", None),
                 "model_max_length": max_len, "vocab_size": vocab_size}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=error_responses(400, 404, 408, 413))
     async def detokenize(body: DetokenizeBody):
         await check_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < vocab_size]
@@ -482,7 +510,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
 
     # -- vLLM's adapter loading from the server's own disk -----------------------------------------
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", responses=error_responses(400, 401, 403, 408, 409, 413, 422, 507))
     async def load_lora_adapter(request: HTTPRequest, body: LoadLoRABody):
         if not allowed_dirs:
             raise APIError(403, "loading adapters from server paths (lora_path) is off; the operator enables it with "
@@ -508,7 +536,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
                 "object_id": rec.object_id, "created": rec.created, "num_params": rec.num_params,
                 "message": f"Success: LoRA adapter {name!r} added successfully."}
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", responses=error_responses(400, 401, 404, 408, 413, 507))
     async def unload_lora_adapter(request: HTTPRequest, body: UnloadLoRABody):
         request.state.log["adapter"] = body.lora_name
         try:
@@ -530,21 +558,50 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         if body.warnings:
             request.state.warnings = list(body.warnings)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**STREAM_OK, **error_responses(400, 401, 404, 408, 409, 413, 429, 503, 504)})
     async def completions(request: HTTPRequest, body: CompletionBody):
         note(request, body)
         check_bounds(body, max_tokens, max_prompts)
         completion_prompts(body), completion_params(body)  # checked here whatever the handler reads
         return await serving.completions(request, body)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions",
+              responses={**STREAM_OK, **error_responses(400, 401, 404, 408, 409, 413, 429, 503, 504)})
     async def chat_completions(request: HTTPRequest, body: ChatBody):
         note(request, body)
         check_bounds(body, max_tokens, max_messages)
         chat_messages(body), chat_params(body)
         return await serving.chat(request, body)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without the 422 "Validation Error" it adds to every route with a body
+    or a path parameter: this server answers those 400 (the routes that do send 422 declare it)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                ref = (op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {})
+                       .get("schema", {}).get("$ref", ""))
+                if ref.endswith("/HTTPValidationError"):
+                    del op["responses"]["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+UPLOAD_WORKERS = 2  # uploads unpacked and added at once; more wait for a thread of this pool
+
+
+def upload_pool() -> ThreadPoolExecutor:
+    """The uploads' own threads (parse, unpack, add), apart from the default pool."""
+    return ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="modulora-upload")
 
 
 def max_model_len(base) -> int | None:
@@ -561,12 +618,15 @@ def adapter_dir(text: str, allowed: list[Path]) -> Path:
     inside one of the `allowed` (resolved) directories, 400 when it is not a directory."""
     if not text or "\0" in text:
         raise APIError(400, "lora_path is empty or malformed", param="lora_path")
-    path = Path(os.path.realpath(text))
-    if not any(path == d or path.is_relative_to(d) for d in allowed):
-        raise APIError(403, "lora_path is outside the directories this server loads adapters from "
-                            "(--allowed-adapter-dir)", param="lora_path", code="path_not_allowed")
-    if not path.is_dir():
-        raise APIError(400, "lora_path is not a directory", param="lora_path", code="invalid_adapter")
+    try:
+        path = Path(os.path.realpath(text))
+        if not any(path == d or path.is_relative_to(d) for d in allowed):
+            raise APIError(403, "lora_path is outside the directories this server loads adapters from "
+                                "(--allowed-adapter-dir)", param="lora_path", code="path_not_allowed")
+        if not path.is_dir():
+            raise APIError(400, "lora_path is not a directory", param="lora_path", code="invalid_adapter")
+    except (OSError, ValueError) as e:  # unreadable folders, names too long, lone surrogates
+        raise APIError(400, f"lora_path cannot be read: {e}", param="lora_path", code="invalid_adapter") from None
     return path
 
 
@@ -583,7 +643,7 @@ def add_dir(library, name: str, path: Path, fingerprint: dict):
         raise APIError(422, f"the adapter at lora_path is refused: {e}", param="lora_path",
                        code="invalid_adapter") from None
     except LibraryError as e:
-        raise APIError(409, str(e), code="library_busy") from None
+        raise upload.refusal(e, APIError(409, str(e), code="library_busy")) from None
 
 
 MALLOC_KEEP_BYTES = 32 << 20  # glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit)
@@ -628,7 +688,8 @@ def cmd_serve(args) -> None:
                      request_timeout=args.request_timeout or None, prefix_cache=args.prefix_cache,
                      allowed_adapter_dirs=args.allowed_adapter_dirs, max_tokens=args.max_tokens,
                      max_prompts=args.max_prompts, max_messages=args.max_messages,
-                     max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))))
+                     max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))),
+                     body_timeout=args.body_timeout or None, prefill_chunk=args.prefill_chunk)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 
@@ -670,6 +731,9 @@ def add_serve_command(subparsers) -> None:
                    help="messages per chat request at most (more -> 400)")
     s.add_argument("--max-body-mb", type=at_least(0, float), default=8,
                    help="largest JSON request body in MiB (more -> 413; uploads: --max-upload-mb)")
+    s.add_argument("--body-timeout", type=at_least(0, float), default=30, metavar="SECONDS",
+                   help="seconds a request body (JSON or upload) may take to arrive whole, else 408 and "
+                        "the connection is closed (0: no limit; raise it for large uploads over slow links)")
     s.add_argument("--max-resident-experts", type=at_least(0), default=0,
                    help="LoRA experts kept in memory at most, least recently used evicted (0: no bound)")
     s.add_argument("--request-timeout", type=at_least(0, float), default=300,
@@ -677,6 +741,9 @@ def add_serve_command(subparsers) -> None:
                         "(0: no limit; a request's own 'timeout' field may ask for less)")
     s.add_argument("--prefix-cache", type=at_least(0), default=32,
                    help="routes whose chat-template keys/values are kept for reuse (0: none)")
+    s.add_argument("--prefill-chunk", type=at_least(1), default=512, metavar="TOKENS",
+                   help="prompt tokens fed between two decode steps: a longer prompt is prefilled a chunk "
+                        "per step, so it delays the running requests by one chunk's time at most")
     s.add_argument("--allowed-adapter-dir", dest="allowed_adapter_dirs", action="append", default=[],
                    metavar="DIR", help="POST /v1/load_lora_adapter may load adapters from inside DIR "
                                        "(repeatable; none: that endpoint is off)")

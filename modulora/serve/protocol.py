@@ -383,6 +383,8 @@ class TokenizeBody(BaseModel):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "send either prompt or messages", param="prompt")
+        if self.messages == []:  # the chat template raises on an empty conversation
+            raise APIError(400, "messages is empty", param="messages")
         return self
 
 
@@ -393,11 +395,26 @@ class DetokenizeBody(BaseModel):
     tokens: list[int]
 
 
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255  # Linux's PATH_MAX - 1 and NAME_MAX
+
+
 class LoadLoRABody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_name: str
     lora_path: str
+
+    @model_validator(mode="after")
+    def _checked(self):
+        """Text the file system cannot take is a 400 here, not an OSError (-> 500) when the path
+        is resolved: a lone surrogate, a path or one of its names too long (ENAMETOOLONG)."""
+        check_text(self.lora_name, "lora_name")
+        check_text(self.lora_path, "lora_path")
+        if (len(self.lora_path.encode()) > MAX_PATH_BYTES
+                or any(len(part.encode()) > MAX_NAME_BYTES for part in self.lora_path.split("/"))):
+            raise APIError(400, f"lora_path is too long (at most {MAX_PATH_BYTES} bytes, {MAX_NAME_BYTES} per name)",
+                           param="lora_path")
+        return self
 
 
 class UnloadLoRABody(BaseModel):
@@ -406,7 +423,26 @@ class UnloadLoRABody(BaseModel):
     lora_name: str
     lora_int_id: int | None = None  # vLLM's; names are what this server keys adapters by
 
+    @model_validator(mode="after")
+    def _checked(self):
+        """A lone surrogate cannot reach the library's index (sqlite encodes it: 500): 400 here."""
+        check_text(self.lora_name, "lora_name")
+        return self
 
-__all__ = ["SPECIAL_MODELS", "UNSUPPORTED", "CompletionBody", "ChatBody", "ChatMessage", "StreamOptions",
+
+# The completions' 200 is JSON, or server-sent events with stream: true.
+STREAM_OK = {200: {"description": "The completion (JSON), or with stream: true its chunks as server-sent events",
+                   "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+# POST /v1/adapters reads its multipart body itself (`upload.parse_multipart`); this documents it.
+UPLOAD_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["name", "file"],
+    "properties": {
+        "name": {"type": "string", "description": "the adapter's name"},
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                 "description": "adapter_config.json and adapter_model.safetensors (card.json, README.md "
+                                "optional), or one .tar.gz/.tgz/.zip archive holding them"}}}}}}}
+
+
+__all__ = ["SPECIAL_MODELS", "STREAM_OK", "UPLOAD_OPENAPI", "UNSUPPORTED", "CompletionBody", "ChatBody", "ChatMessage", "StreamOptions",
            "TokenizeBody", "DetokenizeBody", "LoadLoRABody", "UnloadLoRABody", "completion_params",
            "chat_params", "completion_prompts", "chat_messages", "check_bounds", "check_text", "json_dumps"]

@@ -45,6 +45,9 @@ class _Item:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     stopped: str | None = None  # set by the handler: "client_disconnect", "timeout" or "abandoned"
     resolved: Any = None  # the route object, set by the worker
+    # name -> (version, object id) of every adapter the library held when the item arrived: the
+    # versions it is answered with (set by `submit` unless given)
+    pins: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def stop_reason(self) -> str | None:
         """Why this item should stop now (None: keep going); read by the worker before each step."""
@@ -144,7 +147,9 @@ class Scheduler:
         if len(items) > room:
             raise APIError(429, f"the request queue is full ({self.queue.maxsize} waiting); retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        pins = {r.name: (r.version, r.object_id) for r in self.router.library.list()}
         for item in items:
+            item.pins = item.pins or pins
             try:
                 self.queue.put_nowait(item)
             except queue.Full:  # raced with another handler: fail the rest of this request
@@ -284,10 +289,14 @@ class Scheduler:
     def _join(self, candidates: list[_Item], free: int) -> None:
         """Admit candidates in order while their rows and experts fit; the rest wait in `deferred`."""
         pinned = self.engine.pinned()
+        chosen: dict[str, tuple[int, str]] = {}  # the versions the admitted items want
         admit: list[_Item] = []
         blocked = False
         cap = self.resident.capacity
+        latest = self.router.library.latest_object_ids()
         for it in candidates:
+            if not self._still_resolves(it, latest):
+                continue
             need = self._needs(it)
             if cap is not None and len(need) > cap:
                 msg = (self.resident.needs_all_message(it.route, len(need))
@@ -296,21 +305,26 @@ class Scheduler:
                        f"{cap} resident (--max-resident-experts)")
                 self._fail(it, APIError(400, msg, param="model", code="too_many_experts"))
                 continue
+            if not self._pins_hold(it, need):
+                continue
             rows = it.params.n
             alone = not admit and not self.engine.busy  # a request wider than the batch runs alone
-            if (rows > free and not alone) or (need and (blocked or not self.resident.fits(need, pinned))):
+            pins = {n: it.pins[n] for n in need if n in it.pins}
+            clash = any(chosen.get(n, v) != v for n, v in pins.items())  # another version admitted now
+            if (rows > free and not alone) or (need and (blocked or clash or not self.resident.fits(need, pinned, pins))):
                 blocked = blocked or bool(need)
                 self.deferred.append(it)
                 continue
             admit.append(it)
             free -= rows
             pinned |= need
+            chosen.update(pins)
         if not admit:
             return
         needed = set().union(*(self._needs(it) for it in admit))
         if needed:
             try:
-                self.engine.ensure_experts(needed)
+                self.engine.ensure_experts(needed, chosen)
             except RoutingError as e:
                 for it in admit:
                     if self._needs(it):
@@ -342,6 +356,37 @@ class Scheduler:
         self.metrics.batch(len(reqs), sum(len(r.prompt) for r in reqs))
         self._deliver(finished)
 
+    def _still_resolves(self, it: _Item, latest: dict[str, str]) -> bool:
+        """Resolve `it`'s route again if an adapter it chose was deleted since (a `uniform` or
+        retrieval route then chooses among what is left; a route naming it gets a 400)."""
+        if not isinstance(it.resolved, dict) or all(n in latest for n in it.resolved):
+            return True
+        try:
+            it.resolved = self.router.resolve([it.query], [it.route], top_k=it.route_top_k)[0]
+        except RoutingError as e:
+            self._fail(it, APIError(400, str(e), param="model"))
+            return False
+        return True
+
+    def _pins_hold(self, it: _Item, need: set[str]) -> bool:
+        """Whether the library still holds the versions of its adapters `it` arrived with (LoRA
+        ones may be older than the latest: they are loaded as pinned; the others must be the
+        latest); else the item is answered 409."""
+        latest = self.router.library.latest_object_ids()
+        named = set(it.resolved) if isinstance(it.resolved, dict) else set()
+        changed = {n: it.pins[n] for n in named | need if n in it.pins and latest.get(n) != it.pins[n][1]}
+        try:
+            self.resident.check_pins({n: v for n, v in changed.items() if n in need})
+            other = sorted(set(changed) - need)
+            if other:
+                raise RoutingError(f"adapter {other[0]} (version {changed[other[0]][0]}, the one this request "
+                                   "arrived with) was replaced while it waited; send the request again to use "
+                                   "what the library holds now")
+        except RoutingError as e:
+            self._fail(it, APIError(409, str(e), param="model", code="adapter_changed"))
+            return False
+        return True
+
     def _deliver(self, done: list[tuple[EngineRequest, Answer]]) -> None:
         for req, answer in done:
             it = self._jobs.pop(id(req), None)
@@ -350,10 +395,23 @@ class Scheduler:
             reasons = [s.finish_reason for s in answer.samples]
             if all(r in ("stop", "length") for r in reasons):
                 self.metrics.finished(answer.completion_tokens)
+                answer.versions = self._versions(it, answer)
                 it.future.set_result(answer)
             else:
                 reason = next(r for r in reasons if r not in ("stop", "length"))
                 self._stopped(it, reason, answer.completion_tokens)
+
+    def _versions(self, it: _Item, answer: Answer) -> dict[str, int]:
+        """The library version of each adapter that answered: the pinned one, or (an adapter
+        added after the item arrived) the resident one."""
+        slots = self.resident.slots
+        out = {}
+        for n in answer.experts:
+            if n in it.pins:
+                out[n] = it.pins[n][0]
+            elif n in slots.loaded() and slots.experts[slots.index(n)].version is not None:
+                out[n] = slots.experts[slots.index(n)].version
+        return out
 
     def _stopped(self, it: _Item, reason: str, tokens: int) -> None:
         self.metrics.stop(reason, tokens)

@@ -82,11 +82,9 @@ class Serving:
         log = request.state.log
         log.update(route=body.model if body.adapter_weights is None else "adapter_weights", stream=bool(body.stream))
         route = _route_of(body, await self.adapter_names())
-        vocab = self.engine.model.config.vocab_size
         for p in prompts:
-            if max(p.ids, default=0) >= vocab:
-                raise APIError(400, f"prompt holds token id {max(p.ids)}; this model's vocabulary has {vocab}",
-                               param="prompt")
+            self._check_ids(p.ids)
+            self._check_length(len(p.ids), params.max_tokens)
         timeout = self.timeout_of(body)
         deadline = None if timeout is None else time.monotonic() + timeout
         items = [_Item(p.ids, p.query, route, route_top_k=body.route_top_k, mode=body.mode, params=params,
@@ -123,6 +121,7 @@ class Serving:
         finally:
             if not task.done():
                 task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved" log
 
     async def answer(self, request: HTTPRequest, body: _Body, prompts: list[_Prompt],
                      params: SamplingParams) -> list[Answer]:
@@ -153,8 +152,12 @@ class Serving:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @staticmethod
-    def routing(answers: list[Answer], n: int) -> list[dict]:
-        return [{"index": i * n + s, "experts": a.experts} for i, a in enumerate(answers) for s in range(n)]
+    def trace(index: int, a: Answer) -> dict:
+        """One choice's routing trace: expert weights, and the library version of each expert."""
+        return {"index": index, "experts": a.experts, "versions": a.versions or {}}
+
+    def routing(self, answers: list[Answer], n: int) -> list[dict]:
+        return [self.trace(i * n + s, a) for i, a in enumerate(answers) for s in range(n)]
 
     def piece(self, token: int) -> str:
         return self.tok.decode([token], skip_special_tokens=False)
@@ -276,18 +279,39 @@ class Serving:
 
     # -- the endpoints -------------------------------------------------------------------------------
 
-    def _completion_prompts(self, body: CompletionBody) -> list[_Prompt]:
+    def _check_length(self, n: int, max_tokens: int, at_least: bool = False) -> None:
+        """400 when a prompt and max_tokens pass the model's context (checked before queueing)."""
+        try:
+            self.engine.check_length(n, max_tokens, at_least)
+        except RoutingError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    def _completion_prompts(self, body: CompletionBody, max_tokens: int) -> list[_Prompt]:
+        """The prompts' token ids (run off the event loop: tokenizing is CPU work); a text far
+        too long for the context is refused before it is tokenized."""
+        texts = completion_prompts(body)
+        for p in texts:
+            if isinstance(p, str):
+                self._check_length(self.engine.least_tokens(p), max_tokens, at_least=True)
         out = []
-        for p in completion_prompts(body):
+        for p in texts:
             if isinstance(p, str):
                 out.append(_Prompt(self.engine.encode_text(p), p))
             else:
+                self._check_ids(p)  # before decoding: the tokenizer overflows on ids past 2**63
                 out.append(_Prompt(list(p), self.engine.decode(list(p))))
         return out
 
+    def _check_ids(self, ids: list[int]) -> None:
+        """400 for token ids outside the model's vocabulary."""
+        vocab = self.engine.model.config.vocab_size
+        if max(ids, default=0) >= vocab:
+            raise APIError(400, f"prompt holds token id {max(ids)}; this model's vocabulary has {vocab}",
+                           param="prompt")
+
     async def completions(self, request: HTTPRequest, body: CompletionBody):
         params = completion_params(body)
-        prompts = self._completion_prompts(body)
+        prompts = await asyncio.to_thread(self._completion_prompts, body, params.max_tokens)
         n = params.n
         rid, created = f"cmpl-{request.state.request_id}", int(time.time())
         base_chunk = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
@@ -307,7 +331,7 @@ class Serving:
                 sample = a.samples[s]
                 return dict(base_chunk, choices=[{"index": i * n + s, "text": "", "logprobs": None,
                                                   "finish_reason": sample.finish_reason, "stop_reason": sample.stop}],
-                            routing=[{"index": i * n + s, "experts": a.experts}])
+                            routing=[self.trace(i * n + s, a)])
 
             def usage(answers):
                 return dict(base_chunk, choices=[], usage=self.usage(answers))
@@ -336,9 +360,11 @@ class Serving:
                 "top_logprobs": [None] + lp["top_logprobs"],
                 "text_offset": [0] + [o + len(text) for o in lp["text_offset"]]}
 
-    async def chat(self, request: HTTPRequest, body: ChatBody):
-        params = chat_params(body)
-        messages = chat_messages(body)
+    def _chat_prompt(self, messages: list[dict], max_tokens: int) -> _Prompt:
+        """A chat through the template (off the event loop), the last user message as the text a
+        router reads; a chat far too long for the context is refused before it is tokenized."""
+        least = sum(self.engine.least_tokens(m["content"]) for m in messages)
+        self._check_length(least, max_tokens, at_least=True)
         try:
             ids = self.engine.encode_chat(messages)
         except RoutingError as e:
@@ -346,7 +372,12 @@ class Serving:
         users = [m["content"] for m in messages if m["role"] == "user"]
         query = users[-1] if users else messages[-1]["content"]
         own, span = self.engine.encode_prompt(query)
-        prompts = [_Prompt(ids, query, span if own == ids else None)]
+        return _Prompt(ids, query, span if own == ids else None)
+
+    async def chat(self, request: HTTPRequest, body: ChatBody):
+        params = chat_params(body)
+        messages = chat_messages(body)
+        prompts = [await asyncio.to_thread(self._chat_prompt, messages, params.max_tokens)]
         n = params.n
         rid, created = f"chatcmpl-{request.state.request_id}", int(time.time())
         base_chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
@@ -364,7 +395,7 @@ class Serving:
             def ending(i, s, a):
                 return dict(base_chunk, choices=[{"index": s, "delta": {}, "logprobs": None,
                                                   "finish_reason": a.samples[s].finish_reason}],
-                            routing=[{"index": s, "experts": a.experts}])
+                            routing=[self.trace(s, a)])
 
             def usage(answers):
                 return dict(base_chunk, choices=[], usage=self.usage(answers))

@@ -10,70 +10,112 @@ level or in one folder. The body is capped (Content-Length checked first, bytes 
 -> 413. Archives are untrusted: gzip is decompressed under the same cap before tarfile sees a
 byte, zip sizes are summed first and counted again as read; members that are links, devices,
 absolute, hold `..`, nest deeper than one folder, or number more than MAX_ARCHIVE_MEMBERS are
-refused (400 `unsafe_archive`); only the allowed file names are written, by this code, into a
-fresh staging dir (never `extractall`; see `staging_dir`, leftovers of killed servers are
-removed at start-up by `clean_staging`); other names -> 422. Then the library validates the adapter
-as for `modulora library add`.
+refused (400 `unsafe_archive`), as are more than MAX_GZIP_MEMBERS gzip members, a zip central
+directory over MAX_ZIP_DIRECTORY bytes (both checked before the members are read) and more
+than MAX_TAR_EXTENSIONS bytes of tar extension headers (pax, GNU long names); only the allowed
+file names are written, by this code, into a fresh staging dir (never `extractall`; see
+`staging_dir`, leftovers of killed servers are removed at start-up by `clean_staging`); other
+names -> 422. Then the library validates the adapter as for `modulora library add`.
+
+Time: every step is linear in the body and bounded (gzip is fed in slices, so no member copies
+the rest of the data; multipart parts are found by one forward scan and number at most
+MAX_PARTS, their headers at most MAX_PART_HEADER bytes, which also bounds the stdlib's header
+parsers, quadratic on long inputs); the body must arrive within the server's `body_timeout`
+(-> 408, the connection closed). The server runs this in a thread pool of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
+
+from starlette.requests import ClientDisconnect
 
 from .errors import APIError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 MAX_ARCHIVE_MEMBERS = 8  # the adapter files, plus one folder
+MAX_GZIP_MEMBERS = 64  # concatenated gzip members: a .tar.gz has one
+MAX_ZIP_DIRECTORY = 1 << 20  # bytes of a zip's central directory (a few entries take a few hundred)
+MAX_TAR_HEADERS = 4 * (MAX_ARCHIVE_MEMBERS + 1)  # tar header blocks read: members and their extensions
+MAX_TAR_EXTENSIONS = 16 << 10  # bytes of pax / GNU long-name headers in all (the stdlib's pax parser is quadratic)
+MAX_PARTS = 16  # multipart parts: a name field and a handful of files
+MAX_PART_HEADER = 4 << 10  # bytes of one part's headers (and of the Content-Type header)
+GZIP_SLICE = 64 << 10  # gzip input fed per call at most (a member's unused tail is copied)
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def bad_upload(message: str) -> APIError:
+    """The 400 of a request body that is not the multipart upload this endpoint takes."""
+    return APIError(400, message, code="bad_upload")
 
 
 def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
-    """(form fields, [(filename, content)]) of a multipart/form-data body; exact for binary parts."""
+    """(form fields, [(filename, content)]) of a multipart/form-data body; exact for binary parts.
+    One forward scan finds the boundaries (linear); more than MAX_PARTS parts, or a part whose
+    headers pass MAX_PART_HEADER bytes, is refused before anything more is parsed."""
     from email.message import Message
 
     ct = Message()
-    ct["content-type"] = content_type
+    if len(content_type) <= MAX_PART_HEADER:
+        ct["content-type"] = content_type
     if ct.get_content_type() != "multipart/form-data" or not ct.get_param("boundary"):
-        raise APIError(400, "send the adapter as multipart/form-data (a 'name' field and the adapter files, "
-                            "or one .tar.gz/.tgz/.zip archive)", code="bad_upload")
+        raise bad_upload("send the adapter as multipart/form-data (a 'name' field and the adapter files, "
+                         "or one .tar.gz/.tgz/.zip archive)")
     delim = b"--" + str(ct.get_param("boundary")).encode("latin-1")
+    sep = b"\r\n" + delim
     if body.startswith(delim):
-        rest = body[len(delim):]
+        pos = len(delim)
     else:
-        at = body.find(b"\r\n" + delim)
+        at = body.find(sep)
         if at < 0:
-            raise APIError(400, "malformed multipart body: no boundary", code="bad_upload")
-        rest = body[at + 2 + len(delim):]
+            raise bad_upload("malformed multipart body: no boundary")
+        pos = at + len(sep)
     fields: dict[str, str] = {}
     files: list[tuple[str, bytes]] = []
-    closed = False
-    for chunk in rest.split(b"\r\n" + delim):
-        if chunk.startswith(b"--"):
-            closed = True
-            break
-        if not chunk.startswith(b"\r\n"):
-            raise APIError(400, "malformed multipart body", code="bad_upload")
-        head, sep, content = chunk[2:].partition(b"\r\n\r\n")
-        if not sep:
-            raise APIError(400, "malformed multipart part: no blank line after its headers", code="bad_upload")
-        headers = Message()
-        for line in head.decode("latin-1").split("\r\n"):
-            key, colon, value = line.partition(":")
-            if colon:
-                headers[key.strip()] = value.strip()
-        if headers.get("content-disposition") is None:
-            raise APIError(400, "multipart part without Content-Disposition", code="bad_upload")
-        field_name = headers.get_param("name", header="content-disposition")
-        filename = headers.get_filename()
+    parts = 0
+    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body
+        parts += 1
+        if parts > MAX_PARTS:
+            raise bad_upload(f"the multipart body has more than {MAX_PARTS} parts (an upload is a 'name' "
+                             "field and the adapter files, or one archive)")
+        end = body.find(sep, pos)
+        if end < 0:
+            raise bad_upload("malformed multipart body: no closing boundary")
+        if not body.startswith(b"\r\n", pos):
+            raise bad_upload("malformed multipart body")
+        head_end = body.find(b"\r\n\r\n", pos + 2, min(end, pos + 2 + MAX_PART_HEADER + 4))
+        if head_end < 0:
+            if end - pos - 2 > MAX_PART_HEADER:
+                raise bad_upload(f"a multipart part's headers are over {MAX_PART_HEADER} bytes")
+            raise bad_upload("malformed multipart part: no blank line after its headers")
+        name, filename = part_names(body[pos + 2:head_end].decode("latin-1"))
+        content = body[head_end + 4:end]
         if filename is None:
-            if field_name is None:
-                raise APIError(400, "multipart field without a name", code="bad_upload")
-            fields[str(field_name)] = content.decode("utf-8", "replace")
+            if name is None:
+                raise bad_upload("multipart field without a name")
+            fields[name] = content.decode("utf-8", "replace")
         else:
-            files.append((str(filename), content))
-    if not closed:
-        raise APIError(400, "malformed multipart body: no closing boundary", code="bad_upload")
+            files.append((filename, content))
+        pos = end + len(sep)
     return fields, files
+
+
+def part_names(head: str) -> tuple[str | None, str | None]:
+    """(field name, filename) from a multipart part's headers (at most MAX_PART_HEADER chars)."""
+    from email.message import Message
+
+    headers = Message()
+    for line in head.split("\r\n"):
+        key, colon, value = line.partition(":")
+        if colon:
+            headers[key.strip()] = value.strip()
+    if headers.get("content-disposition") is None:
+        raise bad_upload("multipart part without Content-Disposition")
+    name = headers.get_param("name", header="content-disposition")
+    filename = headers.get_filename()
+    return (None if name is None else str(name)), (None if filename is None else str(filename))
 
 
 def refuse_unsafe(what: str) -> APIError:
@@ -113,30 +155,104 @@ def too_big(limit: int, what: str = "the upload") -> APIError:
     return APIError(413, f"{what} is over the limit of {limit} bytes", code="payload_too_large")
 
 
+def bad_archive(message: str) -> APIError:
+    """The 400 of an archive that cannot be read (truncated, not gzip/tar/zip)."""
+    return APIError(400, message, param="file", code="bad_archive")
+
+
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Decompress gzip data, stopping as soon as the output passes `limit` bytes (gzip bombs)."""
+    """Decompress gzip data, stopping as soon as the output passes `limit` bytes (gzip bombs).
+
+    Linear: the input is fed in slices of one memoryview (1 KiB first, doubling up to GZIP_SLICE),
+    so a member that ends mid-slice leaves at most one slice in `unused_data`, never the rest of
+    the data as feeding it whole did (quadratic in the members); and at most MAX_GZIP_MEMBERS
+    concatenated members are read (a .tar.gz has one). Zero bytes after a member (padding) are
+    skipped."""
     import zlib
 
-    out, total = [], 0
-    while data:
-        d = zlib.decompressobj(wbits=31)
-        buf = data
-        while buf:
-            try:
-                piece = d.decompress(buf, 1 << 20)
-            except zlib.error as e:
-                raise APIError(400, f"the archive is not valid gzip: {e}", param="file", code="bad_archive") from None
-            total += len(piece)
-            if total > limit:
-                raise too_big(limit, "the unpacked archive")
-            out.append(piece)
-            buf = d.unconsumed_tail
-            if d.eof:
-                break
-        if not d.eof:
-            raise APIError(400, "the archive is truncated", param="file", code="bad_archive")
-        data = d.unused_data.lstrip(b"\x00")  # concatenated gzip members; padding after the last
+    view, size = memoryview(data), len(data)
+    step = 1 << 20  # output per decompress call: the limit is checked in these steps
+    out, total, pos, members = [], 0, 0, 0
+    while pos < size:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise refuse_unsafe(f"more than {MAX_GZIP_MEMBERS} concatenated gzip members "
+                                "(a .tar.gz holds one)")
+        d, feed = zlib.decompressobj(wbits=31), 1 << 10  # small first: most of it is copied if the member ends
+        while not d.eof:
+            if pos >= size:
+                raise bad_archive("the archive is truncated")
+            buf = view[pos:pos + feed]
+            pos, feed = pos + len(buf), min(2 * feed, GZIP_SLICE)
+            while True:
+                try:
+                    piece = d.decompress(buf, step)
+                except zlib.error as e:
+                    raise bad_archive(f"the archive is not valid gzip: {e}") from None
+                total += len(piece)
+                if total > limit:
+                    raise too_big(limit, "the unpacked archive")
+                out.append(piece)
+                buf = d.unconsumed_tail
+                if d.eof or (not buf and len(piece) < step):  # done, or this slice is used up
+                    break
+        pos -= len(d.unused_data)  # the next member starts right after this one
+        nonzero = _NONZERO.search(data, pos)
+        pos = nonzero.start() if nonzero else size
     return b"".join(out)
+
+
+def check_zip_directory(data: bytes) -> None:
+    """Refuse a zip whose central directory, as zipfile will find it, is over MAX_ZIP_DIRECTORY
+    bytes or lists more than MAX_ARCHIVE_MEMBERS entries: zipfile parses the whole directory,
+    one object per entry, before any count can be checked. The end-of-central-directory record
+    is looked up where zipfile looks (the last 22 bytes, else the last signature in the final
+    64 KiB), and a zip64 record right before it overrides it, as in zipfile. A zip without that
+    record is left to zipfile to refuse."""
+    import struct
+
+    eocd = b"PK\x05\x06"
+    at = len(data) - 22
+    if not (at >= 0 and data.startswith(eocd, at) and data.endswith(b"\0\0")):
+        at = data.rfind(eocd, max(0, len(data) - 22 - (1 << 16)))
+        if at < 0 or len(data) - at < 22:
+            return
+    entries, dir_size = struct.unpack_from("<HI", data, at + 10)
+    record = at - 20 - 56  # zip64's record, right before its locator, right before the record above
+    if record >= 0 and data.startswith(b"PK\x06\x07", at - 20) and data.startswith(b"PK\x06\x06", record):
+        entries, dir_size = struct.unpack_from("<QQ", data, record + 32)
+    if entries > MAX_ARCHIVE_MEMBERS:
+        raise refuse_unsafe(f"{entries} members (at most {MAX_ARCHIVE_MEMBERS})")
+    if dir_size > MAX_ZIP_DIRECTORY:
+        raise refuse_unsafe(f"a central directory of {dir_size} bytes (at most {MAX_ZIP_DIRECTORY})")
+
+
+def guarded_tarinfo():
+    """A TarInfo class for one tar archive that refuses it past MAX_TAR_HEADERS header blocks or
+    MAX_TAR_EXTENSIONS bytes of extension headers (pax, GNU long names): tarfile reads a chain of
+    those recursively, and its pax parser is quadratic in a header's size."""
+    import tarfile
+
+    headers, extension_bytes = 0, 0
+    extensions = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                  tarfile.GNUTYPE_LONGLINK)
+
+    class GuardedTarInfo(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):
+            nonlocal headers, extension_bytes
+            info = super().frombuf(buf, encoding, errors)
+            headers += 1
+            if headers > MAX_TAR_HEADERS:
+                raise refuse_unsafe(f"more than {MAX_TAR_HEADERS} tar headers")
+            if info.type in extensions:
+                extension_bytes += info.size
+                if extension_bytes > MAX_TAR_EXTENSIONS:
+                    raise refuse_unsafe(f"over {MAX_TAR_EXTENSIONS} bytes of tar extension headers "
+                                        "(pax, long names)")
+            return info
+
+    return GuardedTarInfo
 
 
 def archive_files(filename: str, data: bytes, limit: int) -> dict[str, bytes]:
@@ -148,11 +264,12 @@ def archive_files(filename: str, data: bytes, limit: int) -> dict[str, bytes]:
 
     entries: list[tuple[str, Any]] = []  # (member name, reader) of regular files
     if filename.lower().endswith(".zip"):
+        check_zip_directory(data)  # before zipfile reads (and makes an object of) every entry
         try:
             zf = zipfile.ZipFile(io.BytesIO(data))
             infos = zf.infolist()
         except (zipfile.BadZipFile, ValueError, EOFError) as e:
-            raise APIError(400, f"the archive is not a valid zip: {e}", param="file", code="bad_archive") from None
+            raise bad_archive(f"the archive is not a valid zip: {e}") from None
         if len(infos) > MAX_ARCHIVE_MEMBERS:
             raise refuse_unsafe(f"{len(infos)} members (at most {MAX_ARCHIVE_MEMBERS})")
         if sum(i.file_size for i in infos) > limit:
@@ -170,14 +287,14 @@ def archive_files(filename: str, data: bytes, limit: int) -> dict[str, bytes]:
     else:
         raw = gunzip_bounded(data, limit)  # bounded before tarfile sees a byte
         try:
-            tf = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
+            tf = tarfile.open(fileobj=io.BytesIO(raw), mode="r:", tarinfo=guarded_tarinfo())
             members = []
             for m in tf:
                 members.append(m)
                 if len(members) > MAX_ARCHIVE_MEMBERS:
                     raise refuse_unsafe(f"more than {MAX_ARCHIVE_MEMBERS} members")
         except tarfile.TarError as e:
-            raise APIError(400, f"the archive is not a valid tar: {e}", param="file", code="bad_archive") from None
+            raise bad_archive(f"the archive is not a valid tar: {e}") from None
         if sum(m.size for m in members if m.isreg()) > limit:
             raise too_big(limit, "the unpacked archive")
         for m in members:
@@ -212,8 +329,7 @@ def archive_files(filename: str, data: bytes, limit: int) -> dict[str, bytes]:
                         raise too_big(limit, "the unpacked archive")
                     chunks.append(piece)
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-            raise APIError(400, f"cannot read {name!r} from the archive: {e}", param="file",
-                           code="bad_archive") from None
+            raise bad_archive(f"cannot read {name!r} from the archive: {e}") from None
         out[fname] = b"".join(chunks)
     return out
 
@@ -306,9 +422,18 @@ def write_upload(files: dict[str, bytes], folder: str | None = None) -> str:
     return tmp
 
 
-async def read_body(request, limit: int) -> bytes:
+def body_timed_out(timeout: float) -> APIError:
+    """The 408 of a request body not received whole within `timeout` seconds; the connection is
+    closed (what is left of the body is never read)."""
+    return APIError(408, f"the request body was not received within {timeout:g} seconds (--body-timeout)",
+                    code="body_timeout", headers={"connection": "close"})
+
+
+async def read_body(request, limit: int, timeout: float | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is known to pass `limit` bytes: by its
-    Content-Length before reading, else as counted while reading (chunked bodies declare none)."""
+    Content-Length before reading, else as counted while reading (chunked bodies declare none);
+    408 unless the whole body arrives within `timeout` seconds (None: no limit), so a client that
+    declares a large body and stalls does not hold the connection."""
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -318,11 +443,18 @@ async def read_body(request, limit: int) -> bytes:
         if declared > limit:
             raise too_big(limit)
     chunks, total = [], 0
-    async for piece in request.stream():
-        total += len(piece)
-        if total > limit:
-            raise too_big(limit)
-        chunks.append(piece)
+    try:
+        async with asyncio.timeout(timeout):
+            async for piece in request.stream():
+                total += len(piece)
+                if total > limit:
+                    raise too_big(limit)
+                chunks.append(piece)
+    except TimeoutError:
+        raise body_timed_out(timeout) from None
+    except ClientDisconnect:  # nobody reads the answer; logged and counted as 499, not as a failure
+        raise APIError(499, "the client closed the connection before sending the whole body",
+                       code="client_disconnect") from None
     return b"".join(chunks)
 
 
@@ -384,11 +516,25 @@ def add_to_library(library, name: str, files: dict[str, bytes], fingerprint: dic
     except (ValidationError, BaseModelError) as e:
         raise APIError(422, str(e), param="file", code="invalid_adapter") from None
     except LibraryError as e:
-        raise APIError(409, str(e), code="library_busy") from None
+        raise refusal(e, APIError(409, str(e), code="library_busy")) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["ARCHIVE_SUFFIXES", "MAX_ARCHIVE_MEMBERS", "STAGING_PREFIX", "parse_multipart", "archive_files",
+def refusal(e: Exception, otherwise: APIError) -> Exception:
+    """What to raise for a library's refusal `e`: the full or read-only storage behind it (the
+    server answers 507), else `otherwise`."""
+    from ..cli import storage_problem
+
+    if storage_problem(e) is None:
+        return otherwise
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return cause if cause is not None else OSError(30, str(e))  # 30: EROFS
+
+
+__all__ = ["ARCHIVE_SUFFIXES", "MAX_ARCHIVE_MEMBERS", "MAX_GZIP_MEMBERS", "MAX_PARTS", "STAGING_PREFIX",
+           "parse_multipart", "archive_files", "gunzip_bounded", "body_timed_out",
            "write_upload", "staging_dir", "clean_staging",
            "read_body", "adapter_files", "check_upload_name", "add_to_library", "too_big"]
