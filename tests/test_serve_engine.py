@@ -423,3 +423,25 @@ def test_a_request_is_answered_by_the_versions_it_arrived_with(base, tmp_path, r
     finally:
         s.stop()
         s.engine.release()
+
+
+def test_a_route_over_the_library_chooses_again_when_an_adapter_it_chose_is_deleted(base, tmp_path, random_library):
+    """`uniform` resolved before a delete runs over what is left (no 400, no 409: only routes that
+    name adapters are pinned); a route naming the deleted adapter is a 400 naming it."""
+    from modulora.serve import Scheduler, _Item
+
+    lib = random_library(tmp_path, ["a", "b", "c"])
+    s = Scheduler(base, lib)
+    items = [_Item(base.tokenizer("Peru")["input_ids"], "Peru", route, params=SamplingParams(max_tokens=2))
+             for route in ("uniform", "c")]
+    for it in items:
+        it.pins = {r.name: (r.version, r.object_id) for r in lib.list()}
+    s._resolve(items)
+    assert set(items[0].resolved) == {"a", "b", "c"}
+    lib.remove("c")
+    s._join(items, free=8)
+    assert set(items[0].resolved) == {"a", "b"} and s.engine.load == 1 and not items[0].future.done()
+    err = items[1].future.exception(timeout=1)
+    assert err.status == 400 and "c" in str(err)
+    s.engine.clear("error")
+    s.engine.release()

@@ -25,6 +25,7 @@ from ..routing.experts import RoutingError
 from ..routing.requests import Answer, EngineRequest, SamplingParams, TokenEvent
 from .errors import APIError
 from .metrics import Metrics
+from .protocol import SPECIAL_MODELS
 
 
 @dataclass(eq=False)  # compared by identity
@@ -287,51 +288,10 @@ class Scheduler:
         return ok
 
     def _join(self, candidates: list[_Item], free: int) -> None:
-        """Admit candidates in order while their rows and experts fit; the rest wait in `deferred`."""
-        pinned = self.engine.pinned()
-        chosen: dict[str, tuple[int, str]] = {}  # the versions the admitted items want
-        admit: list[_Item] = []
-        blocked = False
-        cap = self.resident.capacity
-        latest = self.router.library.latest_object_ids()
-        for it in candidates:
-            if not self._still_resolves(it, latest):
-                continue
-            need = self._needs(it)
-            if cap is not None and len(need) > cap:
-                msg = (self.resident.needs_all_message(it.route, len(need))
-                       if isinstance(it.resolved, Arrow) or it.route.strip() == "uniform" else
-                       f"route {it.route!r} uses {len(need)} LoRA adapters at once, but this server keeps at most "
-                       f"{cap} resident (--max-resident-experts)")
-                self._fail(it, APIError(400, msg, param="model", code="too_many_experts"))
-                continue
-            if not self._pins_hold(it, need):
-                continue
-            rows = it.params.n
-            alone = not admit and not self.engine.busy  # a request wider than the batch runs alone
-            pins = {n: it.pins[n] for n in need if n in it.pins}
-            clash = any(chosen.get(n, v) != v for n, v in pins.items())  # another version admitted now
-            if (rows > free and not alone) or (need and (blocked or clash or not self.resident.fits(need, pinned, pins))):
-                blocked = blocked or bool(need)
-                self.deferred.append(it)
-                continue
-            admit.append(it)
-            free -= rows
-            pinned |= need
-            chosen.update(pins)
-        if not admit:
-            return
-        needed = set().union(*(self._needs(it) for it in admit))
-        if needed:
-            try:
-                self.engine.ensure_experts(needed, chosen)
-            except RoutingError as e:
-                for it in admit:
-                    if self._needs(it):
-                        self._fail(it, APIError(400, str(e), param="model"))
-                admit = [it for it in admit if not self._needs(it)]
-                if not admit:
-                    return
+        """Admit candidates in order while their rows and experts fit (the rest wait in
+        `deferred`), make their experts resident, and start them."""
+        admit, chosen = self._pick(candidates, free)
+        admit = self._load(admit, chosen)
         reqs = []
         for it in self._family(admit):
             req = EngineRequest(it.prompt_ids, it.resolved, mode=it.mode, params=it.params,
@@ -356,6 +316,64 @@ class Scheduler:
         self.metrics.batch(len(reqs), sum(len(r.prompt) for r in reqs))
         self._deliver(finished)
 
+    def _pick(self, candidates: list[_Item], free: int) -> tuple[list[_Item], dict[str, tuple[int, str]]]:
+        """(the candidates that fit now, in order; the adapter versions they are pinned to)."""
+        pinned = self.engine.pinned()
+        chosen: dict[str, tuple[int, str]] = {}
+        admit: list[_Item] = []
+        blocked = False
+        cap = self.resident.capacity
+        latest = self.router.library.latest_object_ids()
+        for it in candidates:
+            if not self._still_resolves(it, latest):
+                continue
+            need = self._needs(it)
+            if cap is not None and len(need) > cap:
+                msg = (self.resident.needs_all_message(it.route, len(need))
+                       if isinstance(it.resolved, Arrow) or it.route.strip() == "uniform" else
+                       f"route {it.route!r} uses {len(need)} LoRA adapters at once, but this server keeps at most "
+                       f"{cap} resident (--max-resident-experts)")
+                self._fail(it, APIError(400, msg, param="model", code="too_many_experts"))
+                continue
+            pins = self._pins(it, latest)
+            if pins is None:
+                continue
+            pins = {n: v for n, v in pins.items() if n in need}
+            rows = it.params.n
+            alone = not admit and not self.engine.busy  # a request wider than the batch runs alone
+            clash = any(chosen.get(n, v) != v for n, v in pins.items())  # another version admitted now
+            if (rows > free and not alone) or (need and (blocked or clash or not self.resident.fits(need, pinned, pins))):
+                blocked = blocked or bool(need)
+                self.deferred.append(it)
+                continue
+            admit.append(it)
+            free -= rows
+            pinned |= need
+            chosen.update(pins)
+        return admit, chosen
+
+    def _load(self, admit: list[_Item], chosen: dict[str, tuple[int, str]]) -> list[_Item]:
+        """Make the admitted items' LoRA experts resident; the items that can run. An adapter
+        deleted meanwhile gets the routes resolved again once (a `uniform` route then runs over
+        what is left); what still fails is answered 400."""
+        for attempt in (1, 2):
+            needed = set().union(*(self._needs(it) for it in admit))
+            if not needed:
+                return admit
+            try:
+                self.engine.ensure_experts(needed, {n: v for n, v in chosen.items() if n in needed})
+                return admit
+            except RoutingError as e:
+                if attempt == 1:
+                    latest = self.router.library.latest_object_ids()
+                    admit = [it for it in admit if self._still_resolves(it, latest)]
+                    continue
+                for it in admit:
+                    if self._needs(it):
+                        self._fail(it, APIError(400, str(e), param="model"))
+                return [it for it in admit if not self._needs(it)]
+        return admit
+
     def _still_resolves(self, it: _Item, latest: dict[str, str]) -> bool:
         """Resolve `it`'s route again if an adapter it chose was deleted since (a `uniform` or
         retrieval route then chooses among what is left; a route naming it gets a 400)."""
@@ -368,24 +386,28 @@ class Scheduler:
             return False
         return True
 
-    def _pins_hold(self, it: _Item, need: set[str]) -> bool:
-        """Whether the library still holds the versions of its adapters `it` arrived with (LoRA
-        ones may be older than the latest: they are loaded as pinned; the others must be the
-        latest); else the item is answered 409."""
-        latest = self.router.library.latest_object_ids()
-        named = set(it.resolved) if isinstance(it.resolved, dict) else set()
-        changed = {n: it.pins[n] for n in named | need if n in it.pins and latest.get(n) != it.pins[n][1]}
+    def _pins(self, it: _Item, latest: dict[str, str]) -> dict[str, tuple[int, str]] | None:
+        """The versions of the adapters `it` names (a fixed route) that it arrived with, when the
+        library still holds them (a LoRA one may be older than the latest: it is loaded as
+        pinned; the others must be the latest); else None and the item is answered 409. Routes
+        that choose among the library (arrow, uniform, retrieval, learned) choose among it as it
+        is when they start: nothing to pin."""
+        if not isinstance(it.resolved, dict) or it.route.strip() in SPECIAL_MODELS:
+            return {}
+        pins = {n: it.pins[n] for n in it.resolved if n in it.pins}
+        changed = {n: v for n, v in pins.items() if latest.get(n) != v[1]}
+        lora = {n for n in changed if self.router.adapter_types().get(n) == "lora"}
         try:
-            self.resident.check_pins({n: v for n, v in changed.items() if n in need})
-            other = sorted(set(changed) - need)
+            self.resident.check_pins({n: changed[n] for n in lora})
+            other = sorted(set(changed) - lora)
             if other:
                 raise RoutingError(f"adapter {other[0]} (version {changed[other[0]][0]}, the one this request "
                                    "arrived with) was replaced while it waited; send the request again to use "
                                    "what the library holds now")
         except RoutingError as e:
             self._fail(it, APIError(409, str(e), param="model", code="adapter_changed"))
-            return False
-        return True
+            return None
+        return pins
 
     def _deliver(self, done: list[tuple[EngineRequest, Answer]]) -> None:
         for req, answer in done:
