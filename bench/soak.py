@@ -331,7 +331,8 @@ def slow_body(url: str, path: str, content_type: str, wait: float) -> tuple[int 
 
 
 def hostile_cases(url: str, files: dict[str, bytes], qv_files: dict[str, bytes], loras: list[str],
-                  max_len: int, live: set[str], slow_wait: float) -> dict[str, tuple[Callable, set]]:
+                  max_len: int, live: set[str], slow_wait: float,
+                  well_formed_timeout: float) -> dict[str, tuple[Callable, set]]:
     """{class: (call(client, n) -> (status, detail), acceptable statuses)}. Anything else is a
     failure; "4xx" accepts any client error."""
     big = b'{"model": "base", "prompt": "' + b"x" * (MAX_BODY_MB << 20) + b'", "max_tokens": 8}'
@@ -393,12 +394,15 @@ def hostile_cases(url: str, files: dict[str, bytes], qv_files: dict[str, bytes],
         got.append(r.status_code)
         if r.status_code == 201:
             live.add(name)
-            r = c.post(chat, json={"model": f"{loras[0]}:0.5,{name}:0.5", "messages": msg("Peru"), "max_tokens": 8})
-            got.append(r.status_code)
-            r = c.delete(f"/v1/adapters/{name}")
-            got.append(r.status_code)
-            if r.status_code == 200:
-                live.discard(name)
+            try:  # a well-formed request: the well-formed clients' timeout
+                r = c.post(chat, json={"model": f"{loras[0]}:0.5,{name}:0.5", "messages": msg("Peru"),
+                                       "max_tokens": 8}, timeout=well_formed_timeout)
+                got.append(r.status_code)
+            finally:  # deleted even when the completion failed, so the library does not grow
+                r = c.delete(f"/v1/adapters/{name}")
+                got.append(r.status_code)
+                if r.status_code == 200:
+                    live.discard(name)
         return "/".join(map(str, got)), r.text[:200]
 
     def lone_surrogate(c, n):
@@ -727,7 +731,7 @@ def main() -> int:
     metrics_5xx, api_names, five, warm_s = -1, [], [], 0.0
     try:
         max_len = httpx.get(f"{url}/v1/models/base", timeout=30).json()["max_model_len"]
-        cases = hostile_cases(url, files, qv_files, loras, max_len, live, args.slow_body_wait)
+        cases = hostile_cases(url, files, qv_files, loras, max_len, live, args.slow_body_wait, args.timeout)
         menu = route_menu(loras, series)
         print(f"soak: {args.minutes:g} min, {args.clients} clients, routes {sorted({m[1] for m in menu})}, "
               f"{len(cases)} hostile classes; server log {tmp / 'server.log'}", flush=True)

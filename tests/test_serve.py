@@ -477,3 +477,29 @@ def test_malformed_uploads_are_400(server, lib, upper_files):
                    headers={"content-type": "multipart/form-data; boundary=b"})         # no closing boundary
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert _names(lib) == before
+
+
+def test_token_routing_colours_every_generated_token(client, tiny):
+    """`token_routing: true`: every generated token comes with the experts that made it, streamed
+    and not; Arrow's per layer (one dict per transformer layer, each summing to 1), a fixed
+    mixture's the route's own weights; the pieces join to the text."""
+    layers = tiny.model.config.num_hidden_layers
+    extra = {"token_routing": True, "route_top_k": 2, "ignore_eos": True}
+    full = client.completions.create(model="arrow", prompt=UPPER, max_tokens=6, extra_body=extra)
+    steps = full.choices[0].model_extra["token_routing"]
+    assert len(steps) == full.usage.completion_tokens == 6
+    for step in steps[1:]:  # the first token has the prompt's mean weights, no per-layer view
+        assert len(step["layers"]) == layers
+        assert all(abs(sum(layer.values()) - 1) < 1e-5 for layer in step["layers"])
+        assert set(step["experts"]) <= set(ADAPTERS) and abs(sum(step["experts"].values()) - 1) < 1e-5
+    stream = client.chat.completions.create(model="upper:0.7,add:0.3", max_tokens=5, stream=True,
+                                            messages=[{"role": "user", "content": "apple river"}], extra_body=extra)
+    pieces, text = [], ""
+    for chunk in stream:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            pieces += (c.model_extra or {}).get("token_routing") or []
+    assert len(pieces) == 5 and "".join(p["token"] for p in pieces) == text
+    assert all(p["experts"] == {"upper": 0.7, "add": 0.3} and p["layers"] is None for p in pieces)
+    plain = client.completions.create(model="upper", prompt=UPPER, max_tokens=3)
+    assert "token_routing" not in plain.choices[0].model_extra

@@ -445,3 +445,23 @@ def test_a_route_over_the_library_chooses_again_when_an_adapter_it_chose_is_dele
     assert err.status == 400 and "c" in str(err)
     s.engine.clear("error")
     s.engine.release()
+
+
+def test_token_routing_adds_up_to_the_answers_mean_weights(base, lib):
+    """An Arrow row's per-token weights are its own: the first token carries the prompt's mean,
+    and prompt mean x prompt tokens + the later tokens' weights = the answer's mean x all tokens
+    fed (the last token is not fed back)."""
+    eng = new_engine(base, lib)
+    req = request(eng, "Peru is a country", Arrow(top_k=2), max_new=7)
+    req.params = SamplingParams(max_tokens=7, ignore_eos=True)
+    req.token_routing = True
+    other = request(eng, "x", {"a": 1.0}, max_new=3)  # a batch neighbour that did not ask
+    answer, plain = eng.run([req, other])
+    steps = answer.samples[0].routing
+    assert len(steps) == 7 and plain.samples[0].routing is None
+    prompt = req.content_span[1] - req.content_span[0]
+    fed = prompt + len(steps) - 1
+    for name, mean in answer.experts.items():
+        added = steps[0].experts.get(name, 0) * prompt + sum(s.experts.get(name, 0) for s in steps[1:])
+        assert abs(added - mean * fed) < 1e-4, (name, added, mean * fed)
+    eng.release()

@@ -43,7 +43,7 @@ from .arrow import Arrow
 from .experts import RoutingError, normalise_route
 from .family import FamilyPlan, PrefixExpert, prefix_block, split_route
 from .layer import MODES, RoutingPlan, install, installed, routing, uninstall
-from .requests import Answer, EngineRequest, Sample, TokenEvent, TokenLogprob
+from .requests import Answer, EngineRequest, Sample, TokenEvent, TokenLogprob, TokenRouting
 from .resident import ResidentExperts
 from .sampling import RowSampling, Text, choose, logprob_entries
 
@@ -109,6 +109,7 @@ class _Row:
     logprobs: list[TokenLogprob] | None = None
     finish: str | None = None
     stop: str | int | None = None
+    routing: list[TokenRouting] | None = None  # per token, when the request asked
 
 
 @dataclass(eq=False)
@@ -431,13 +432,15 @@ class Engine:
         still running join the batch (the prompt's cache row copied per sample)."""
         expand = [i for i, p in enumerate(group) for _ in range(p.req.params.n)]
         rows = [_Row(p, s, RowSampling.new(p.req.params, s), Text(self.tok, p.req.params.stop),
-                     logprobs=[] if p.req.params.logprobs is not None else None)
+                     logprobs=[] if p.req.params.logprobs is not None else None,
+                     routing=[] if p.req.token_routing else None)
                 for p in group for s in range(p.req.params.n)]
         for r in rows:
             if r.pending.req.params.max_tokens == 0:
                 r.finish = "length"
         active = [i for i, r in enumerate(rows) if r.finish is None]
-        keep = self._take([rows[i] for i in active], last[[expand[i] for i in active]])
+        routing = [TokenRouting(rows[i].pending.experts()) if rows[i].routing is not None else None for i in active]
+        keep = self._take([rows[i] for i in active], last[[expand[i] for i in active]], routing)
         kept = [active[i] for i in keep]
         finished = self._finish([r for r in rows if r.finish is not None])
         if kept:
@@ -485,24 +488,29 @@ class Engine:
                 logp = torch.log_softmax(logits[row, lo - 1 - c0:c1 - 1 - c0], dim=-1)
                 p.prompt_logprobs += logprob_entries(logp, pf.ids[row, lo:c1].tolist(), k)
 
-    def _take(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """Choose and record each row's next token; the indices of the rows still running."""
+    def _take(self, rows: list[_Row], logits: torch.Tensor,
+              routing: list[TokenRouting | None] | None = None) -> list[int]:
+        """Choose and record each row's next token (and, where asked, the experts that made it);
+        the indices of the rows still running."""
         if not rows:
             return []
         tokens, entries = choose(logits, [r.sampling for r in rows])
+        routing = routing or [None] * len(rows)
         keep = []
-        for i, (r, t, e) in enumerate(zip(rows, tokens, entries)):
+        for i, (r, t, e, how) in enumerate(zip(rows, tokens, entries, routing)):
             params = r.pending.req.params
             r.tokens.append(t)
             if r.logprobs is not None:
                 r.logprobs.append(e)
+            if r.routing is not None:
+                r.routing.append(how)
             if (t == self.eos_id and not params.ignore_eos) or t in params.stop_token_ids:
                 # the end token is an output token (its logprob too, as lm-eval's loglikelihood
                 # reads it), but adds no text
                 r.finish = "stop"
                 r.stop = t if t in params.stop_token_ids else None
                 if r.pending.req.on_token is not None:
-                    r.pending.req.on_token(TokenEvent(r.index, t, "", e))
+                    r.pending.req.on_token(TokenEvent(r.index, t, "", e, how))
                 continue
             r.sampling.seen(t)
             piece = r.text.add(t)
@@ -511,7 +519,7 @@ class Engine:
             elif len(r.tokens) >= params.max_tokens:
                 r.finish = "length"
             if r.pending.req.on_token is not None:
-                r.pending.req.on_token(TokenEvent(r.index, t, piece, e))
+                r.pending.req.on_token(TokenEvent(r.index, t, piece, e, how))
             if r.finish is None:
                 keep.append(i)
         return keep
@@ -524,7 +532,7 @@ class Engine:
             rest = r.text.finish()
             if rest and p.req.on_token is not None:
                 p.req.on_token(TokenEvent(r.index, -1, rest, None))
-            p.samples[r.index] = Sample(r.index, r.tokens, r.text.text, r.finish, r.logprobs, r.stop)
+            p.samples[r.index] = Sample(r.index, r.tokens, r.text.text, r.finish, r.logprobs, r.stop, r.routing)
             p.left -= 1
             if p.left == 0:
                 done.append((p.req, p.answer()))
@@ -649,12 +657,37 @@ class Engine:
         with self._applied(self.plan, self.family_plan):
             logits, self.cache = forward(self.model, self.pending.unsqueeze(1), mask, self.cache, positions=positions)
         self.mask = mask
-        keep = self._take(self.rows, logits[:, -1, :].float())
+        routing = self._step_routing() if any(r.routing is not None for r in self.rows) else None
+        keep = self._take(self.rows, logits[:, -1, :].float(), routing)
         done = self._finish([r for r in self.rows if r.finish is not None])
         self.pending = torch.tensor([r.tokens[-1] if r.tokens else self.pad_id for r in self.rows])
         if len(keep) < len(self.rows):
             self._drop(keep)
         return done
+
+    def _step_routing(self) -> list[TokenRouting | None]:
+        """Per running row that asked: the experts of the step just taken (an Arrow row's weights
+        of this one token, per layer and averaged; a sequence route's own weights). Arrow's
+        statistics are moved into the requests every step then, so each step reads its own."""
+        plan = self.plan
+        sums = plan.weight_sums if plan is not None and plan.arrows else {}
+        names = plan.expert_set.names if sums else []
+        out: list[TokenRouting | None] = []
+        for i, r in enumerate(self.rows):
+            if r.routing is None:
+                out.append(None)
+            elif isinstance(r.pending.lora, Arrow) and sums:
+                layers: dict[int, torch.Tensor] = {}
+                for m, t in sums.items():
+                    key = layer_of(m)
+                    layers[key] = layers.get(key, 0) + t[i]
+                per_layer = [v / max(float(v.sum()), 1e-12) for _, v in sorted(layers.items())]
+                mean = sum(per_layer) / len(per_layer)
+                out.append(TokenRouting(named(mean, names), [named(v, names) for v in per_layer]))
+            else:
+                out.append(TokenRouting(r.pending.experts()))
+        self._harvest(plan, self._row_pendings())
+        return out
 
     def _drop(self, keep: list[int]) -> None:
         """Keep only rows `keep`; cut the leading cache columns no remaining row uses."""
@@ -764,6 +797,20 @@ class Engine:
         """Take the multi-expert layers off the model (leave it as found)."""
         if installed(self.model) is self.experts.slots:
             uninstall(self.model)
+
+
+def layer_of(module: str) -> int:
+    """The transformer layer index in a module path (`model.layers.3.self_attn.q_proj` -> 3)."""
+    for part, nxt in zip(module.split("."), module.split(".")[1:]):
+        if part in ("layers", "h", "blocks", "layer") and nxt.isdigit():
+            return int(nxt)
+    return -1
+
+
+def named(weights: torch.Tensor, names: list[str | None]) -> dict[str, float]:
+    """{expert: weight} of a weight vector over slots, largest first, zeros left out."""
+    pairs = [(names[j], float(weights[j])) for j in weights.nonzero().flatten().tolist() if names[j]]
+    return dict(sorted(pairs, key=lambda kv: -kv[1]))
 
 
 __all__ = ["Engine"]

@@ -119,6 +119,18 @@ class TokenEvent:
     token: int
     text: str
     logprob: TokenLogprob | None = None
+    routing: TokenRouting | None = None  # with EngineRequest.token_routing
+
+
+@dataclass
+class TokenRouting:
+    """Which experts made one generated token: `experts` their weights (Arrow: this token's,
+    averaged over the layers; a sequence route: the route's own weights; {} for the base) and,
+    for Arrow, `layers` one dict of weights per transformer layer. The first token of an Arrow
+    answer has the prompt's mean weights (the step that made it read the whole prompt)."""
+
+    experts: dict[str, float]
+    layers: list[dict[str, float]] | None = None
 
 
 @dataclass(eq=False)  # compared by identity
@@ -142,6 +154,7 @@ class EngineRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     content_span: tuple[int, int] | None = None
     explain: bool = False  # the answer's per_layer: mean weight per expert of every module
+    token_routing: bool = False  # each generated token's TokenRouting (events and samples)
     on_token: Callable[[TokenEvent], None] | None = None
     should_stop: Callable[[], str | None] | None = None
 
@@ -157,6 +170,7 @@ class Sample:
     finish_reason: str  # "stop" (eos, stop token or string), "length", or the reason should_stop gave
     logprobs: list[TokenLogprob] | None = None
     stop: str | int | None = None  # the stop string or token that ended it, if any
+    routing: list[TokenRouting] | None = None  # per token, when the request asked for token_routing
 
 
 @dataclass
@@ -188,4 +202,4 @@ class Answer:
         return sum(len(s.token_ids) for s in self.samples)
 
 
-__all__ = ["SamplingParams", "TokenLogprob", "TokenEvent", "EngineRequest", "Sample", "Answer"]
+__all__ = ["SamplingParams", "TokenLogprob", "TokenEvent", "TokenRouting", "EngineRequest", "Sample", "Answer"]

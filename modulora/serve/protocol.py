@@ -141,6 +141,7 @@ class _Body(BaseModel):
     timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    token_routing: bool | None = False  # each generated token's experts (choices[i].token_routing)
     # OpenAI's fields this server does not implement (see UNSUPPORTED for their no-op values)
     tools: Any = None
     tool_choice: Any = None

@@ -44,6 +44,7 @@ class _Item:
     deadline: float | None = None  # time.monotonic() past which the item gives up
     on_token: Callable[[TokenEvent], None] | None = None  # called in the worker thread
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    token_routing: bool = False  # report each generated token's experts
     stopped: str | None = None  # set by the handler: "client_disconnect", "timeout" or "abandoned"
     resolved: Any = None  # the route object, set by the worker
     # name -> (version, object id) of every adapter the library held when the item arrived: the
@@ -295,7 +296,8 @@ class Scheduler:
         reqs = []
         for it in self._family(admit):
             req = EngineRequest(it.prompt_ids, it.resolved, mode=it.mode, params=it.params,
-                                content_span=it.content_span, on_token=it.on_token, should_stop=it.stop_reason)
+                                content_span=it.content_span, on_token=it.on_token, should_stop=it.stop_reason,
+                                token_routing=it.token_routing)
             try:
                 self.engine.check(req)
             except RoutingError as e:
@@ -354,9 +356,9 @@ class Scheduler:
 
     def _load(self, admit: list[_Item], chosen: dict[str, tuple[int, str]]) -> list[_Item]:
         """Make the admitted items' LoRA experts resident; the items that can run. An adapter
-        deleted meanwhile gets the routes resolved again once (a `uniform` route then runs over
+        deleted meanwhile gets the routes resolved again (twice at most: a `uniform` route then runs over
         what is left); what still fails is answered 400."""
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             needed = set().union(*(self._needs(it) for it in admit))
             if not needed:
                 return admit
@@ -364,7 +366,7 @@ class Scheduler:
                 self.engine.ensure_experts(needed, {n: v for n, v in chosen.items() if n in needed})
                 return admit
             except RoutingError as e:
-                if attempt == 1:
+                if attempt < 3:
                     latest = self.router.library.latest_object_ids()
                     admit = [it for it in admit if self._still_resolves(it, latest)]
                     continue

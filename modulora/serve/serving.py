@@ -88,7 +88,7 @@ class Serving:
         timeout = self.timeout_of(body)
         deadline = None if timeout is None else time.monotonic() + timeout
         items = [_Item(p.ids, p.query, route, route_top_k=body.route_top_k, mode=body.mode, params=params,
-                       content_span=p.span, timeout=timeout, deadline=deadline,
+                       content_span=p.span, timeout=timeout, deadline=deadline, token_routing=bool(body.token_routing),
                        on_token=None if on_token is None else (lambda ev, i=i: on_token(i, ev)))
                  for i, p in enumerate(prompts)]
         self.scheduler.submit(items)
@@ -158,6 +158,16 @@ class Serving:
 
     def routing(self, answers: list[Answer], n: int) -> list[dict]:
         return [self.trace(i * n + s, a) for i, a in enumerate(answers) for s in range(n)]
+
+    @staticmethod
+    def token_routing(pieces: list[str], routing: list | None) -> list[dict] | None:
+        """The `token_routing` of a choice: per token, its text and the experts that made it."""
+        if routing is None:
+            return None
+        return [{"token": text, "experts": r.experts, "layers": r.layers} for text, r in zip(pieces, routing)]
+
+    def sample_routing(self, s) -> list[dict] | None:
+        return self.token_routing([self.piece(t) for t in s.token_ids], s.routing)
 
     def piece(self, token: int) -> str:
         return self.tok.decode([token], skip_special_tokens=False)
@@ -321,11 +331,13 @@ class Serving:
                 raise APIError(400, "echo is not supported with stream: true", param="echo")
 
             def piece(i, ev):
-                if not ev.text and not (want_lp and ev.logprob is not None):
+                if not ev.text and not (want_lp and ev.logprob is not None) and ev.routing is None:
                     return None
                 lp = self.completion_logprobs([ev.logprob]) if want_lp and ev.logprob is not None else None
-                return dict(base_chunk, choices=[{"index": i * n + ev.index, "text": ev.text, "logprobs": lp,
-                                                  "finish_reason": None}])
+                choice = {"index": i * n + ev.index, "text": ev.text, "logprobs": lp, "finish_reason": None}
+                if ev.routing is not None:
+                    choice["token_routing"] = self.token_routing([ev.text], [ev.routing])
+                return dict(base_chunk, choices=[choice])
 
             def ending(i, s, a):
                 sample = a.samples[s]
@@ -350,6 +362,8 @@ class Serving:
                         lp = self._with_first(lp, p.ids[0])
                 choices.append({"index": i * n + s.index, "text": prefix + s.text, "logprobs": lp,
                                 "finish_reason": s.finish_reason, "stop_reason": s.stop})
+                if s.routing is not None:
+                    choices[-1]["token_routing"] = self.sample_routing(s)
         return JSONResponse({**base_chunk, "choices": choices, "usage": self.usage(answers),
                              "routing": self.routing(answers, n)}, headers=self._headers(body))
 
@@ -386,11 +400,13 @@ class Serving:
                                                "logprobs": None, "finish_reason": None} for s in range(n)])]
 
             def piece(i, ev):
-                if not ev.text and not (body.logprobs and ev.logprob is not None):
+                if not ev.text and not (body.logprobs and ev.logprob is not None) and ev.routing is None:
                     return None
                 lp = self.chat_logprobs([ev.logprob]) if body.logprobs and ev.logprob is not None else None
-                return dict(base_chunk, choices=[{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
-                                                  "finish_reason": None}])
+                choice = {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
+                if ev.routing is not None:
+                    choice["token_routing"] = self.token_routing([ev.text], [ev.routing])
+                return dict(base_chunk, choices=[choice])
 
             def ending(i, s, a):
                 return dict(base_chunk, choices=[{"index": s, "delta": {}, "logprobs": None,
@@ -405,6 +421,9 @@ class Serving:
         choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
                     "logprobs": self.chat_logprobs(s.logprobs) if body.logprobs else None,
                     "finish_reason": s.finish_reason, "stop_reason": s.stop} for s in a.samples]
+        for c, s in zip(choices, a.samples):
+            if s.routing is not None:
+                c["token_routing"] = self.sample_routing(s)
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                              "choices": choices, "usage": self.usage([a]), "routing": self.routing([a], n)},
                             headers=self._headers(body))
