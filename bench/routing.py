@@ -223,7 +223,7 @@ def routed_methods(tok, dirs, names, arrow, k):
             return EngineRequest(text, route, params=SamplingParams(max_tokens=n))
 
     E = len(names)
-    base = NoEosBase(load_base())
+    base = NoEosBase(load_base(dtype="fp32"))
     expert_set = ExpertSet(load_experts_from_dirs(dirs))
     kwargs = {}
     if "engine" in inspect.signature(generate_routed).parameters:  # the engine's tree: keep one
@@ -276,20 +276,20 @@ def build_methods(args, tok, dirs, names):
     k = min(4, E)
     pad = tok.pad_token_id
 
-    plain = load_base().model
-    ours = load_base().model
+    plain = load_base(dtype="fp32").model
+    ours = load_base(dtype="fp32").model
     expert_set = ExpertSet(load_experts_from_dirs(dirs))
     install(ours, expert_set)
     prototypes(expert_set)  # Arrow prototypes: computed once per expert set, not per request
 
     if not args.skip_peft:
-        peft_lora = PeftModel.from_pretrained(load_base().model, str(dirs[0]), adapter_name=names[0])
+        peft_lora = PeftModel.from_pretrained(load_base(dtype="fp32").model, str(dirs[0]), adapter_name=names[0])
         for d, n in zip(dirs[1:], names[1:]):
             peft_lora.load_adapter(str(d), adapter_name=n)
         peft_lora.eval()
 
         arrow_cfg = ArrowConfig(top_k=k, router_temperature=args.temperature, use_gks=False, rng_seed=0)
-        peft_arrow = create_arrow_model(load_base().model, [str(d) for d in dirs], arrow_cfg)
+        peft_arrow = create_arrow_model(load_base(dtype="fp32").model, [str(d) for d in dirs], arrow_cfg)
         peft_arrow.eval()
     else:
         peft_lora = peft_arrow = None
@@ -443,7 +443,7 @@ def build_library(root: Path, size: int, embedder) -> tuple[Library, Path]:
     """A real Library of `size` tiny adapters (one rank-1 q_proj LoRA file, reused; a distinct card
     makes each a distinct object) with random unit retrieval vectors written straight into the
     derived-data cache, so no card needs embedding."""
-    base = load_base()
+    base = load_base(dtype="fp32")
     attach(base.model, AdapterConfig(type="lora", r=1, alpha=1.0, target_modules=("q_proj",)))
     template = save_adapter(base.model, root / "tiny")
     detach(base.model)
@@ -745,7 +745,7 @@ def main() -> None:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     load_before = os.getloadavg()
-    base = load_base()
+    base = load_base(dtype="fp32")
     with tempfile.TemporaryDirectory(prefix="modulora-bench-routing-") as tmp:
         tmp = Path(tmp)
         log(f"making {args.experts} random LoRA experts")

@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_speed.md"))
     args = ap.parse_args()
-    base = load_base()
+    base = load_base(dtype="fp32")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (8, 128), generator=gen)
     labels = ids.clone()

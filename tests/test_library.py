@@ -30,7 +30,7 @@ NOISE = {"catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite-journal"}
 def fp():
     from modulora.base import load_base
 
-    return load_base("tiny").fingerprint
+    return load_base("tiny", dtype="fp32").fingerprint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_round_trip_versions_dedup_export(tmp_path, fp):
 
     from modulora.base import load_base
 
-    model = PeftModel.from_pretrained(load_base("tiny").model, str(out))
+    model = PeftModel.from_pretrained(load_base("tiny", dtype="fp32").model, str(out))
     a = dict(model.named_parameters())["base_model.model.model.layers.1.self_attn.v_proj.lora_A.default.weight"]
     from safetensors.torch import load_file
 

@@ -172,7 +172,7 @@ def test_merged_adapter_passes_library_validation_and_loads_in_peft(tiny, expert
             ours = forward(model, ids, mask)[0]
     finally:
         detach(model)
-    pm = PeftModel.from_pretrained(load_base("tiny").model, out)
+    pm = PeftModel.from_pretrained(load_base("tiny", dtype="fp32").model, out)
     pm.eval()
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits

@@ -17,7 +17,7 @@ from modulora.validate import RESERVED_NAMES, ValidationError, validate_name
 def fp():
     from modulora.base import load_base
 
-    return load_base("tiny").fingerprint
+    return load_base("tiny", dtype="fp32").fingerprint
 
 
 def test_reserved_names_are_the_servers_route_words():

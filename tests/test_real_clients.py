@@ -64,14 +64,14 @@ MC_ITEMS = [  # (instruction, input, reference)
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base("tiny")
+    return load_base("tiny", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
 def other_base(base):
     """A second copy of the tiny base (the same weights) for what must not touch the served model:
     making adapters, and `modulora eval` (which would run in a process of its own)."""
-    other = load_base("tiny")
+    other = load_base("tiny", dtype="fp32")
     assert other is not base and other.fingerprint == base.fingerprint
     return other
 
@@ -171,7 +171,7 @@ def modulora_eval(base, lib, path, out, loglik: bool, metric: str):
 
     task = prepare_task(path, metric=metric, loglik=loglik)
     results = evaluate(base, [task], [Method(ROUTE, route=ROUTE)], out, library=str(lib.root), progress=False,
-                       plots=False, dtype="fp32")  # the server runs the tiny model in fp32
+                       plots=False)  # base loaded in fp32, as the server's
     return results
 
 
@@ -305,7 +305,7 @@ def test_lm_eval_loglikelihood_when_the_next_token_is_eos(tmp_path):
 
     from modulora.serve import create_app
 
-    b = load_base("tiny")
+    b = load_base("tiny", dtype="fp32")
     tok, model = b.tokenizer, b.model
     ctx = tok("The capital of France is", add_special_tokens=False)["input_ids"]
     cont = tok(" Paris.", add_special_tokens=False)["input_ids"]

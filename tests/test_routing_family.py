@@ -42,7 +42,7 @@ PROMPTS = ["Add 2 and 3.", "The capital of France is", "Reverse the word abc", "
 def fam(tmp_path_factory):
     """A library with every adapter above (random weights), its family experts, and a tiny base."""
     root = tmp_path_factory.mktemp("family")
-    base = load_base("tiny")
+    base = load_base("tiny", dtype="fp32")
     lib = Library(root / "lib")
     dirs = {}
     for seed, (name, (cfg, std)) in enumerate(ADAPTERS.items()):
@@ -106,7 +106,7 @@ def test_mixture_is_the_weighted_sum_of_the_deltas(fam, a, b, site, width):
     """At a site: base + sum_e w_e delta_e, where delta_e is what the adapter adds attached alone
     (its scale included); rows compute only the experts they chose."""
     x = torch.randn(3, 5, width, generator=torch.Generator().manual_seed(0))
-    plain = load_base("tiny").model
+    plain = load_base("tiny", dtype="fp32").model
     with torch.inference_mode():
         base_out = plain.get_submodule(site)(x)
         delta = {}

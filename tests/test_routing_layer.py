@@ -30,7 +30,7 @@ ATOL = 5e-5  # fp32 rounding of batched vs single-row matmuls; a routing mix-up 
 
 
 def fresh():
-    return load_base("tiny").model
+    return load_base("tiny", dtype="fp32").model
 
 
 def make_lora(model, out, seed, fp, r=4, alpha=8.0, targets=None):
@@ -52,7 +52,7 @@ def make_lora(model, out, seed, fp, r=4, alpha=8.0, targets=None):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("routing")
-    base = load_base("tiny")
+    base = load_base("tiny", dtype="fp32")
     dirs = {}
     for i, name in enumerate(NAMES):
         dirs[name] = make_lora(base.model, root / "dirs" / name, i, base.fingerprint, r=2 if name == "e4" else 4,

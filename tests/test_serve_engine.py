@@ -20,7 +20,7 @@ NAMES = ("a", "b", "c", "d")
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base("tiny")  # a model of this module's own: routing gets installed on it
+    return load_base("tiny", dtype="fp32")  # a model of this module's own: routing gets installed on it
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_the_dense_mixture_and_the_per_row_paths_agree(experts, monkeypatch):
     from modulora.generate import left_pad
     from modulora.routing import layer
 
-    model = load_base("tiny").model  # the same weights as `base`, with nothing installed
+    model = load_base("tiny", dtype="fp32").model  # the same weights as `base`, with nothing installed
     routes = [{"a": 1.0}, {"b": 0.3, "c": 0.7}, None, {"d": 1.0}, {"a": 0.5, "d": 0.5}]
     prompts = [[5, 9, 13, 2], [7, 7], [3, 4, 5], [11, 2, 6, 8, 1], [9]]
     ids, mask = left_pad(prompts, 0)
@@ -205,7 +205,7 @@ def test_resident_experts_evict_the_least_recently_used(base, lib, tmp_path, ran
         res.ensure({"nosuch"})
     assert res.needs_all_message("arrow", 4) and res.needs_all_message("arrow", 2) is None
     # a new version of a resident adapter is read again; the old copy stays while a row uses it
-    maker = load_base("tiny")
+    maker = load_base("tiny", dtype="fp32")
     lib.add("d", random_lora(maker.model, tmp_path / "d2", 9, maker.fingerprint), base.fingerprint)
     try:
         assert not res.fits({"d"}, pinned={"d"})
@@ -259,7 +259,7 @@ def test_experts_of_different_modules_and_ranks_share_the_slots(base, lib, tmp_p
     from modulora.generate import using_adapter
     from modulora.routing.experts import load_experts_from_dirs
 
-    maker = load_base("tiny")
+    maker = load_base("tiny", dtype="fp32")
     attach(maker.model, AdapterConfig(type="lora", r=2, alpha=4.0, target_modules=("q_proj", "v_proj")), seed=3)
     gen = torch.Generator().manual_seed(77)
     with torch.no_grad():
@@ -395,7 +395,7 @@ def test_a_request_is_answered_by_the_versions_it_arrived_with(base, tmp_path, r
 
     lib = random_library(tmp_path, ["a", "b"])
     arrived = {r.name: (r.version, r.object_id) for r in lib.list()}
-    maker = load_base("tiny")
+    maker = load_base("tiny", dtype="fp32")
     s = Scheduler(base, lib)
     s.start()
     try:

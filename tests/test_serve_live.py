@@ -34,7 +34,7 @@ def lib(tmp_path_factory, random_library):
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base("tiny")
+    return load_base("tiny", dtype="fp32")
 
 
 def make_app(base, lib, **kw):

@@ -31,7 +31,7 @@ def lib(tmp_path_factory, random_library):
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base("tiny")
+    return load_base("tiny", dtype="fp32")
 
 
 @pytest.fixture(scope="module")

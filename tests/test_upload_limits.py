@@ -30,7 +30,7 @@ def adapter_files(tmp_path_factory, random_lora) -> dict:
     """The files of a PEFT LoRA of the tiny model: {filename: bytes}."""
     from modulora.base import load_base
 
-    maker = load_base("tiny")  # a model of its own: the served one is never touched
+    maker = load_base("tiny", dtype="fp32")  # a model of its own: the served one is never touched
     out = random_lora(maker.model, tmp_path_factory.mktemp("upload") / "lora", 0, maker.fingerprint)
     return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
@@ -214,7 +214,7 @@ def test_body_timeout_option_reaches_the_app(tiny, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--body-timeout", "-1"])
     seen = []
-    monkeypatch.setattr(modulora.base, "load_base", lambda name: tiny)
+    monkeypatch.setattr(modulora.base, "load_base", lambda name, **kw: tiny)
     monkeypatch.setattr(modulora.serve.request_log, "configure", lambda fmt: None)
     monkeypatch.setattr(app_module, "keep_freed_memory", lambda: True)
     monkeypatch.setattr(app_module, "create_app", lambda *a, **kw: seen.append(kw["body_timeout"]))

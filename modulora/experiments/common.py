@@ -82,6 +82,8 @@ class Context:
     work: Path                # trained adapters, libraries, raw evaluation (resumable)
     results: Path             # report, tables and plots
     command: str
+    device: str = "auto"      # where the base runs (modulora.compute)
+    dtype: str = "auto"
     _base: object = None
 
     @property
@@ -89,8 +91,12 @@ class Context:
         if self._base is None:
             from ..base import load_base
 
-            self._base = load_base(self.settings.base)
+            self._base = load_base(self.settings.base, device=self.device, dtype=self.dtype)
         return self._base
+
+    def train_config(self, steps: int | None = None, max_length: int | None = None) -> TrainConfig:
+        """The settings' training config, in this run's precision (--dtype)."""
+        return dataclasses.replace(self.settings.train_config(steps, max_length), dtype=self.dtype)
 
     def data_file(self, rel: str) -> Path:
         p = self.data / rel
@@ -104,7 +110,7 @@ class Context:
 
 
 def make_context(name: str, data: str | None, work: str | None, results: str | None, quick: bool,
-                 argv: list[str]) -> Context:
+                 argv: list[str], device: str = "auto", dtype: str = "auto") -> Context:
     """Paths checked before anything runs; quick runs write their report into the work folder."""
     given = data or os.environ.get("MODULORA_DATA")
     if not given or not Path(given).is_dir():
@@ -118,7 +124,7 @@ def make_context(name: str, data: str | None, work: str | None, results: str | N
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     return Context(name=name, settings=QUICK if quick else FULL, quick=quick, data=data_dir, work=work_dir,
-                   results=results_dir, command="modulora " + " ".join(argv))
+                   results=results_dir, command="modulora " + " ".join(argv), device=device, dtype=dtype)
 
 
 def sni_task_names(ctx: Context) -> tuple[list[str], list[str]]:
@@ -141,7 +147,7 @@ def sni_library(ctx: Context, progress: bool = True) -> tuple[Path, Path]:
             link.symlink_to(ctx.sni(n).resolve())
     build = ctx.work / "sni-private"
     lib = ctx.work / "lib-private"
-    build_library(ctx.base, files, build, Library(lib), mode="private", train=ctx.settings.train_config(),
+    build_library(ctx.base, files, build, Library(lib), mode="private", train=ctx.train_config(),
                   adapter=AdapterConfig(), progress=progress)
     return lib, build
 
@@ -154,7 +160,7 @@ def train_one(ctx: Context, task, out: Path, adapter: AdapterConfig | None = Non
     adapter = adapter or AdapterConfig()
     digest = hashlib.sha256("\n".join(f"{ex.instruction}\0{ex.input}\0{ex.output}" for ex in task.examples)
                             .encode()).hexdigest()
-    train_or_reuse(ctx.base, task, adapter, ctx.settings.train_config(steps, max_length), out, digest, progress)
+    train_or_reuse(ctx.base, task, adapter, ctx.train_config(steps, max_length), out, digest, progress)
     return out
 
 

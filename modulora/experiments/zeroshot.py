@@ -41,7 +41,7 @@ def mbc_library(ctx: Context, files: Path, private_build: Path, progress: bool) 
     s = ctx.settings
     lib, out = ctx.work / "lib-mbc", ctx.work / "sni-mbc"
     build_library(ctx.base, files, out, Library(lib), mode="mbc", clusters=s.clusters, steps=s.mbc_steps,
-                  mbc_steps=s.steps, train=s.train_config(), adapter=AdapterConfig(), progress=progress,
+                  mbc_steps=s.steps, train=ctx.train_config(), adapter=AdapterConfig(), progress=progress,
                   short_dir=private_build / "adapters")
     return lib, out
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..compute import CPU_FP32
 from ..data import Example, render_prompt
 from ..forward import PREFIX_ATTR, forward
 from ..generate import last_position, left_pad
@@ -149,7 +150,8 @@ class Engine:
             raise ValueError("prefill_chunk must be at least 1 token")
         self.base, self.model, self.tok = base, base.model, base.tokenizer
         self.eos_id, self.pad_id = self.tok.eos_token_id, self.tok.pad_token_id
-        device = next(self.model.parameters()).device
+        self.device = device = next(self.model.parameters()).device
+        self.compute = getattr(base, "compute", CPU_FP32)  # the autocast every forward runs under
         self.experts = ResidentExperts(library, base.fingerprint, capacity=max_resident, device=device)
         self.rows: list[_Row] = []
         self.prefilling: list[_Prefill] = []       # admitted prompts not yet fully prefilled, in order
@@ -370,15 +372,15 @@ class Engine:
         (the shared template prefix, or prefix adapters' keys and values)."""
         P = len(self.template) if shared else 0
         seqs = [p.ids[P:] for p in group]
-        ids, mask = left_pad(seqs, self.pad_id)
+        ids, mask = (t.to(self.device) for t in left_pad(seqs, self.pad_id))
         width = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if shared:
-            cache, lead = self._template_cache(group), torch.ones(len(group), P, dtype=mask.dtype)
+            cache, lead = self._template_cache(group), mask.new_ones(len(group), P)
             positions = positions + P
         else:
             cache, lead = self._prefix_cache(group)
-        offset = torch.zeros(len(group), dtype=torch.long) if shared or lead is None else lead.sum(1)
+        offset = mask.new_zeros(len(group), dtype=torch.long) if shared or lead is None else lead.sum(1)
         full_mask = mask if lead is None else torch.cat([lead.to(mask), mask], dim=1)
         spans = []  # an Arrow report counts the request's own text, not the template
         for p, seq in zip(group, seqs):
@@ -444,10 +446,10 @@ class Engine:
         kept = [active[i] for i in keep]
         finished = self._finish([r for r in rows if r.finish is not None])
         if kept:
-            idx = torch.tensor([expand[i] for i in kept])
+            idx = torch.tensor([expand[i] for i in kept], device=self.device)
             if idx.tolist() != list(range(len(group))):
                 cache.batch_select_indices(idx)
-            nxt = torch.tensor([rows[i].tokens[-1] for i in kept])
+            nxt = torch.tensor([rows[i].tokens[-1] for i in kept], device=self.device)
             self._merge([rows[i] for i in kept], cache, mask[idx], nxt, offset[idx])
         return finished
 
@@ -598,10 +600,9 @@ class Engine:
                 self.prefix_hits += 1
         if todo:
             pend = list(todo.values())
-            P = len(self.template)
-            ids = torch.tensor([self.template] * len(pend))
+            ids = torch.tensor([self.template] * len(pend), device=self.device)
             with self._applied(*self._plans_for(pend)):
-                _, cache = forward(self.model, ids, torch.ones(len(pend), P, dtype=torch.long),
+                _, cache = forward(self.model, ids, torch.ones_like(ids),
                                    logits_to_keep=last_position(ids))
             for r, k in enumerate(todo):
                 self._prefixes[k] = [(layer.keys[r].clone(), layer.values[r].clone()) for layer in cache.layers]
@@ -660,7 +661,7 @@ class Engine:
         routing = self._step_routing() if any(r.routing is not None for r in self.rows) else None
         keep = self._take(self.rows, logits[:, -1, :].float(), routing)
         done = self._finish([r for r in self.rows if r.finish is not None])
-        self.pending = torch.tensor([r.tokens[-1] if r.tokens else self.pad_id for r in self.rows])
+        self.pending = torch.tensor([r.tokens[-1] if r.tokens else self.pad_id for r in self.rows], device=self.device)
         if len(keep) < len(self.rows):
             self._drop(keep)
         return done
@@ -696,7 +697,7 @@ class Engine:
         if not keep:
             self.rows, self.cache, self.mask, self.pending, self.offset = [], None, None, None, None
             return
-        idx = torch.tensor(keep)
+        idx = torch.tensor(keep, device=self.device)
         self.rows = [self.rows[i] for i in keep]
         self.cache.batch_select_indices(idx)
         self.mask, self.pending, self.offset = self.mask[idx], self.pending[idx], self.offset[idx]
@@ -762,7 +763,9 @@ class Engine:
         return plan, family
 
     def _applied(self, plan: RoutingPlan | None, family: FamilyPlan | None):
+        """The context of one forward: the base's autocast, the routing plan, the bottleneck hooks."""
         stack = contextlib.ExitStack()
+        stack.enter_context(self.compute.autocast())
         if plan is not None:
             stack.enter_context(routing(self.model, plan))
         if family is not None:

@@ -1,0 +1,105 @@
+"""Serving in fp32 against bf16 autocast on this CPU, side by side.
+
+    python bench/precision.py                       # the demo library, SmolLM2, 16 clients
+    python bench/precision.py --rounds 3 --seconds 30
+
+Two `modulora serve` processes over copies of one library, one `--dtype fp32` and one
+`--dtype bf16` (fp32 weights, bf16 autocast: what `auto` picks on a CPU with native bf16), are
+loaded in turn by the same clients (each round: fp32 then bf16, then the other way round in the
+next round); the table gives each round's requests/s and the median ratio. Results go to
+bench/results/precision.md. Only one server is loaded at a time; both stay up, so neither pays
+its start-up in the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve import TASK_OF, prompts_for, run_clients, start_server, stop_server  # noqa: E402
+
+from modulora.compute import cpu_has_bf16  # noqa: E402
+from modulora.library import Library  # noqa: E402
+from modulora.report import table  # noqa: E402
+
+
+def one_round(url: str, names: list[str], prompts: dict, clients: int, seconds: float, max_tokens: int) -> dict:
+    """Requests/s, tokens/s and failures of `clients` clients for `seconds` against one server."""
+    done, wall = run_clients(url, names, prompts, clients, seconds, max_tokens)
+    requests = sum(len(c.latencies) for c in done)
+    return {"rps": requests / wall, "tps": sum(c.tokens for c in done) / wall,
+            "failed": sum(len(c.failures) for c in done), "requests": requests}
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def main() -> None:
+    home = Path(os.environ.get("MODULORA_HOME") or Path.home() / ".modulora")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--library", default=str(home / "demo" / "library"))
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=30, help="per server per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision.md"))
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="modulora-bench-precision-"))
+    servers = {}
+    try:
+        for dtype in ("fp32", "bf16"):
+            lib = tmp / f"library-{dtype}"
+            shutil.copytree(args.library, lib, ignore=shutil.ignore_patterns("lock"))
+            servers[dtype] = start_server(lib, tmp, tmp / f"server-{dtype}.log", ("--dtype", dtype))
+        names = [r.name for r in Library(tmp / "library-fp32").list() if r.type == "lora"]
+        prompts = {n: prompts_for(n, TASK_OF.get(n)) for n in names}
+        for dtype, (_, url, _) in servers.items():  # warm-up, not counted
+            run_clients(url, names, prompts, len(names), 3, args.max_tokens)
+        rows, ratios, figures = [], [], []
+        for r in range(args.rounds):
+            order = ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")
+            got = {d: one_round(servers[d][1], names, prompts, args.clients, args.seconds, args.max_tokens)
+                   for d in order}
+            ratio = got["bf16"]["rps"] / got["fp32"]["rps"]
+            ratios.append(ratio)
+            figures.append(got)
+            rows.append([str(r + 1), " then ".join(order), f"{got['fp32']['rps']:.2f}", f"{got['bf16']['rps']:.2f}",
+                         f"{got['fp32']['tps']:.1f}", f"{got['bf16']['tps']:.1f}", f"{ratio:.2f}",
+                         str(got["fp32"]["failed"] + got["bf16"]["failed"])])
+            print(rows[-1], flush=True)
+    finally:
+        for server, _, _ in servers.values():
+            stop_server(server)
+        shutil.rmtree(tmp, ignore_errors=True)
+    median = statistics.median(ratios)
+    text = "\n".join([
+        "# Serving precision: fp32 against bf16 autocast (CPU)", "",
+        f"`python bench/precision.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
+        f"Hardware: {cpu_name()}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}; torch {torch.__version__}. "
+        f"{args.clients} clients, each a different adapter of the library in turn, chat completions of "
+        f"{args.max_tokens} tokens, {args.seconds:g} s per server per round, the order alternating.", "",
+        table(["round", "order", "fp32 req/s", "bf16 req/s", "fp32 tok/s", "bf16 tok/s", "bf16 / fp32", "failed"],
+              rows), "",
+        f"Median ratio of requests/s, bf16 autocast over fp32: **{median:.2f}x**. `--dtype auto` picks bf16 "
+        f"autocast on this CPU: {cpu_has_bf16()}.", ""])
+    Path(args.out).write_text(text)
+    print(text)
+    print(f"wrote {args.out} ({time.strftime('%Y-%m-%d %H:%M')})")
+
+
+if __name__ == "__main__":
+    main()

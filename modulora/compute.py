@@ -1,0 +1,119 @@
+"""Where a base model runs and in what precision: one answer for every command.
+
+    compute = resolve("auto", "auto")   # CUDA -> bf16 weights (fp16 where bf16 is missing);
+                                        # Apple MPS -> fp16; a CPU -> fp32 weights, with bf16
+                                        # autocast where the CPU has native bf16 matmuls
+    with compute.autocast():            # what training, evaluation and the engine run under
+        ...
+
+On a CPU the weights stay fp32 and `bf16` means autocast: trained adapters keep fp32 master
+weights, and CPUs without native bf16 (AVX512-BF16 or AMX) would only get slower. On a GPU the
+weights themselves are bf16/fp16 (half the memory, the tensor cores' native types).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_NAMES = {v: k for k, v in _TORCH.items()}
+
+
+class ComputeError(ValueError):
+    """A device or precision that this machine or this torch cannot give."""
+
+
+@dataclass(frozen=True)
+class Compute:
+    """A device, the dtype of the base's weights there, and the dtype autocast computes in
+    (None: no autocast)."""
+
+    device: torch.device
+    weights: torch.dtype = torch.float32
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        """The context the model's forwards run in (a no-op without autocast)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        """`cpu fp32 (bf16 autocast)`, `cuda:0 bf16`: for logs and result files."""
+        text = f"{self.device} {_NAMES.get(self.weights, str(self.weights))}"
+        return text + (f" ({_NAMES[self.autocast_dtype]} autocast)" if self.autocast_dtype is not None else "")
+
+
+CPU_FP32 = Compute(torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX) make autocast faster; without them it is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` (CUDA, else MPS, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against
+    what this torch and machine have."""
+    text = str(device)
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ComputeError(f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ComputeError(f"device {text!r}: no CUDA GPU is available (this torch {torch.__version__} is "
+                               f"{build}); use --device cpu")
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ComputeError(f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not _mps_available():
+        raise ComputeError(f"device {text!r}: Apple's MPS backend is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ComputeError(f"device {text!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Compute:
+    """The Compute for a device and a precision (`auto`, `bf16`, `fp16`, `fp32`, or a torch dtype)."""
+    dev = resolve_device(device)
+    name = _NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else {"float32": "fp32", "bfloat16": "bf16",
+                                                                           "float16": "fp16"}.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ComputeError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dev.type == "cpu":
+        if name == "fp16":
+            raise ComputeError("fp16 is for GPUs; on a CPU use bf16 (autocast) or fp32")
+        use_bf16 = name == "bf16" or (name == "auto" and cpu_has_bf16())
+        return Compute(dev, torch.float32, torch.bfloat16 if use_bf16 else None)
+    if name == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bf16" if bf16 else "fp16"
+    return Compute(dev, _TORCH[name], None)
+
+
+__all__ = ["Compute", "ComputeError", "CPU_FP32", "DTYPES", "cpu_has_bf16", "resolve", "resolve_device"]
