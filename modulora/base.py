@@ -108,12 +108,10 @@ def load_base(name_or_path: str | os.PathLike | None = None, device: str | torch
         raise BaseModelError(str(e)) from None
     torch_dtype = compute.weights
     name = str(name_or_path) if name_or_path is not None else BUNDLED
-    from .tiny import tiny_family
+    from .tiny import tiny_family, tiny_model
 
     family = tiny_family(name)  # `tiny` (Llama), `tiny-mistral`, `tiny-qwen2`, `tiny-phi3`, `tiny-gemma2`
     if family is not None:
-        from .tiny import tiny_model
-
         model, tok = tiny_model(family=family)
         model = model.to(torch_dtype)
     else:

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library", default=None, help="library folder (default $MODULORA_HOME/library)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    base_help = "base model: HF directory or id, .gguf file, 'tiny', or the bundled SmolLM2 (default)"
+    base_help = ("base model: HF directory or id, .gguf file, 'tiny' (or tiny-mistral, tiny-qwen2, tiny-phi3, "
+                 "tiny-gemma2: random test models), or the bundled SmolLM2 (default)")
 
     t = sub.add_parser("train", help="train one adapter on a data file")
     t.add_argument("--data", required=True, help="JSONL, LLM-Adapters JSON, SNI task JSON or GSM8K JSONL")

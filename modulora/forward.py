@@ -16,10 +16,17 @@ from transformers import DynamicCache
 PREFIX_ATTR = "modulora_prefix"  # the attached prefix adapter's module (`.keys`, `.values` [L, kv, P, hd])
 
 
+def empty_cache() -> DynamicCache:
+    """A cache whose every layer keeps every column. Callers that merge and crop rows (the engine)
+    manage the columns themselves; a sliding-window model's own cache layers would drop columns
+    and count their own length. The model's attention mask still applies its window."""
+    return DynamicCache()
+
+
 def new_cache(model: torch.nn.Module, batch_size: int) -> DynamicCache:
     """An empty KV cache, or one holding the attached prefix adapter's keys and values for every
     row of the batch."""
-    cache = DynamicCache(config=model.config)
+    cache = empty_cache()
     prefix = getattr(model, PREFIX_ATTR, None)
     if prefix is not None:
         dtype = next(model.parameters()).dtype

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from ..forward import PREFIX_ATTR
+from .arch import decoder_layers, default_targets, linear_names
 from .bottleneck import ParallelMLP, SeriesLinear
 from .config import AdapterConfig, AdapterError
-from .format import PREFIX_KEYS, bottleneck_key, bottleneck_sites, lora_key
+from .format import ALL_LINEAR, PREFIX_KEYS, bottleneck_key, bottleneck_sites, lora_key
 from .lora import LoraLinear
 from .prefix import init_prefix
-from .wrap import decoder_layers, replace, wrappers
+from .wrap import replace, wrappers
 
 _RECORD = "modulora_attached"  # on each of the adapter's modules: its _Attached
 
@@ -57,6 +58,7 @@ def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
     if attached_config(model) is not None:
         raise AdapterError("an adapter is already attached to this model; detach it first")
     layers = decoder_layers(model)
+    cfg = _resolved(cfg, layers)
     gen = torch.Generator().manual_seed(seed)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     prefix = init_prefix(model, cfg.num_virtual_tokens, gen) if cfg.type == "prefix" else None
@@ -75,6 +77,15 @@ def attach(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> None:
     except Exception:
         _restore(model, flags)
         raise
+
+
+def _resolved(cfg: AdapterConfig, layers: nn.ModuleList) -> AdapterConfig:
+    """`cfg` with the default LoRA targets (ALL_LINEAR: every projection) narrowed to the known
+    projections this base has, e.g. qkv_proj, o_proj, gate_up_proj, down_proj on Phi-3; what is
+    saved (and so what PEFT reads) names only modules that exist."""
+    if cfg.type != "lora" or cfg.modules is not None or cfg.target_modules != ALL_LINEAR:
+        return cfg
+    return dataclasses.replace(cfg, target_modules=default_targets(layers[0]))
 
 
 def _targets(model: nn.Module, layers: nn.ModuleList, cfg: AdapterConfig) -> list[tuple[str, nn.Module]]:
@@ -96,11 +107,19 @@ def _sites(layer: nn.Module, cfg: AdapterConfig) -> list[str]:
     if cfg.type == "prefix":
         return []
     if cfg.type in ("series", "parallel"):
-        return list(bottleneck_sites(cfg.type, cfg.placement))
+        sites = list(bottleneck_sites(cfg.type, cfg.placement))
+        names = {n for n, _ in layer.named_modules()}
+        missing = [s for s in sites if s not in names]
+        if missing:
+            raise AdapterError(f"a {cfg.type} adapter sits at {', '.join(sites)}, but the base model's decoder "
+                               f"blocks have no {', '.join(missing)} (their linear modules: "
+                               f"{', '.join(linear_names(layer)) or 'none'})")
+        return sites
     found = [n for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in cfg.target_modules]
     missing = set(cfg.target_modules) - {n.rsplit(".", 1)[-1] for n in found}
     if missing:
-        raise AdapterError(f"target module(s) {', '.join(sorted(missing))} not found in the base model's layers")
+        raise AdapterError(f"target module(s) {', '.join(sorted(missing))} not found in the base model's layers "
+                           f"(their linear modules: {', '.join(linear_names(layer)) or 'none'})")
     return found
 
 

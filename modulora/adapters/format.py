@@ -29,6 +29,10 @@ TYPES = ("lora", "series", "parallel", "prefix")
 OWN_TYPES = ("series", "parallel", "prefix")  # stored with `modulora_type` in adapter_config.json
 PLACEMENTS = ("houlsby", "pfeiffer")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The projections a LoRA targets by default, where a base has them, in the order of a block. Phi-3
+# fuses q/k/v into qkv_proj and gate/up into gate_up_proj; a LoRA there is one on a plain Linear.
+KNOWN_LINEAR = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                "down_proj")
 OWN_FIELDS = {"series": ("bottleneck", "placement", "scale", "dropout"),
               "parallel": ("bottleneck", "scale", "dropout"), "prefix": ("num_virtual_tokens",)}
 SERIES_SITES = {"houlsby": ("self_attn.o_proj", "mlp.down_proj"), "pfeiffer": ("mlp.down_proj",)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import AdapterConfig, AdapterError
-from .format import (ALL_LINEAR, CONFIG_FILE, WEIGHTS_FILE, FormatError, exact_targets, lora_config_json,
+from .format import (CONFIG_FILE, KNOWN_LINEAR, WEIGHTS_FILE, FormatError, exact_targets, lora_config_json,
                      lora_key, lora_modules, lora_spec, parse_lora_key)
 
 
@@ -34,7 +34,7 @@ def from_peft_json(raw: dict, shapes: dict[str, list[int]]) -> AdapterConfig:
         modules = lora_modules(spec, shapes)
     except FormatError as e:
         raise AdapterError(f"{WEIGHTS_FILE}: {e}") from None
-    order = {n: i for i, n in enumerate(ALL_LINEAR)}
+    order = {n: i for i, n in enumerate(KNOWN_LINEAR)}
     names = {m.rsplit(".", 1)[-1] for m in modules}
     cfg = AdapterConfig(type="lora", r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
                         target_modules=tuple(sorted(names, key=lambda n: (order.get(n, len(order)), n))),

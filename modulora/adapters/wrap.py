@@ -58,12 +58,3 @@ def wrappers(model: nn.Module) -> list[tuple[str, Wrapper]]:
     """Every adapter wrapper in the model with its dotted name, outermost first."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Wrapper)]
 
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama-style causal LM (`model.model.layers`)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        from .config import AdapterError
-
-        raise AdapterError("the base model has no model.model.layers; only Llama-style decoders are supported")
-    return layers

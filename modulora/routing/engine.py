@@ -38,7 +38,7 @@ from transformers import DynamicCache
 
 from ..compute import CPU_FP32
 from ..data import Example, render_prompt
-from ..forward import PREFIX_ATTR, forward
+from ..forward import PREFIX_ATTR, empty_cache, forward
 from ..generate import last_position, left_pad
 from .arrow import Arrow
 from .experts import RoutingError, normalise_route
@@ -456,7 +456,7 @@ class Engine:
     def _template_cache(self, group: list[_Pending]) -> DynamicCache:
         """A cache holding each request's shared template prefix (computed once per route)."""
         entries = self._prefix_entries(group)
-        cache = DynamicCache(config=self.model.config)
+        cache = empty_cache()
         for layer in range(len(entries[0])):
             cache.update(torch.stack([e[layer][0] for e in entries]), torch.stack([e[layer][1] for e in entries]),
                          layer)
@@ -468,7 +468,7 @@ class Engine:
         rp = prefix_block(self.model, [p.prefix for p in group])
         if rp is None:
             return None, None
-        cache = DynamicCache(config=self.model.config)
+        cache = empty_cache()
         dtype = next(self.model.parameters()).dtype
         for layer in range(rp.keys.shape[0]):
             cache.update(rp.keys[layer].to(dtype), rp.values[layer].to(dtype), layer)
@@ -553,7 +553,7 @@ class Engine:
             extra = width - x.shape[-dim_from_end]
             return x if extra == 0 else F.pad(x, [0, 0] * (dim_from_end - 1) + [extra, 0])
 
-        merged = DynamicCache(config=self.model.config)
+        merged = empty_cache()
         for layer, (a, b) in enumerate(zip(self.cache.layers, cache.layers)):
             merged.update(torch.cat([widen(a.keys, 2), widen(b.keys, 2)]),
                           torch.cat([widen(a.values, 2), widen(b.values, 2)]), layer)
