@@ -31,12 +31,14 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, adapter_state, attach, detach, read_adapter
 from .data import Task, file_hash, load_task
+from .library import LIBRARY_SCOPE
 from .report import write_text_atomic
 from .train import DEFAULT_LR, TrainConfig, train_adapter
 
 MODES = ("private", "mbc")
 TASK_SUFFIXES = (".jsonl", ".json", ".txt.bz2", ".txt")
 DEFAULT_MBC_STEPS = 25
+CLUSTERING_OBJECT, CLUSTERING_KIND = f"{LIBRARY_SCOPE}clustering", "mbc-clustering"  # where the library keeps it
 
 
 class BuildError(ValueError):
@@ -300,15 +302,27 @@ def cluster_tasks(base, short_dirs: list[Path], k: int, adapter: AdapterConfig, 
     return [first_seen[int(lab)] for lab in labels], sim
 
 
+def store_clustering(library, clustering: dict) -> None:
+    """Keep an MBC clustering (tasks, assignment, clusters, similarity) in the library itself, so
+    the server's web page shows it; the newest build's replaces the last."""
+    library.put_derived(CLUSTERING_OBJECT, CLUSTERING_KIND, json.dumps(clustering).encode())
+
+
+def load_clustering(library) -> dict | None:
+    raw = library.get_derived(CLUSTERING_OBJECT, CLUSTERING_KIND)
+    return None if raw is None else json.loads(raw)
+
+
 # -- the build -------------------------------------------------------------------------------------
 
 def build_library(base, data_dir, out_dir, library=None, mode: str = "private", clusters: int | None = None,
                   steps: int | None = None, mbc_steps: int | None = None, adapter: AdapterConfig | None = None,
                   train: TrainConfig | None = None, keep: float = 0.1, dims: int = 256, reduce: str = "svd",
-                  progress: bool = True, short_dir: str | os.PathLike | None = None) -> dict:
+                  progress: bool = True, short_dir: str | os.PathLike | None = None, device: str = "auto") -> dict:
     """Train a library from the task files in `data_dir` and return a summary.
 
-    base: a loaded `Base`, or a name for `load_base` (loaded after the inputs are checked).
+    base: a loaded `Base`, or a name for `load_base` (loaded after the inputs are checked, on
+    `device` in `train.dtype`).
     library: a `Library`, a library folder, or None (adapters are only written to out_dir).
     mode: "private" (one adapter per task) or "mbc" (one per cluster of `clusters` clusters).
     steps: training steps of the library's adapters (default: `train`'s steps or epochs);
@@ -362,7 +376,7 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
     if base is None or isinstance(base, (str, os.PathLike)):
         from .base import load_base
 
-        base = load_base(base)
+        base = load_base(base, device=device, dtype=train.dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"mode": mode, "out_dir": str(out), "tasks": list(tasks), "adapters": [], "trained": [], "reused": []}
@@ -402,6 +416,8 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
                          "seeded start) and B, all modules"},
         }
         (out / "clustering.json").write_text(json.dumps(clustering, indent=2))
+        if library is not None:
+            store_clustering(library, clustering)
         plot_similarity(sim, names, labels, out / "similarity.png",
                         f"MBC task similarity ({clusters} clusters, {len(names)} tasks)")
         summary.update(clusters=members, assignment=clustering["assignment"],
@@ -434,7 +450,7 @@ def cmd_build(args) -> None:
                         dtype=args.dtype, epochs=args.epochs, micro_batch=args.micro_batch)
     from .library import Library
 
-    summary = build_library(args.base, args.data, args.out, Library(args.library),
+    summary = build_library(args.base, args.data, args.out, Library(args.library), device=args.device,
                             mode=args.mode, clusters=args.clusters, steps=args.steps, mbc_steps=args.mbc_steps,
                             adapter=adapter, train=train, keep=args.keep, dims=args.dims, reduce=args.reduce,
                             progress=not args.no_progress)
@@ -470,7 +486,9 @@ def add_build_command(subparsers) -> None:
                    help="rows per forward/backward pass: less memory, same update (default: the whole batch)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    from .cli import add_compute_args
+
+    add_compute_args(p)
     p.add_argument("--keep", type=float, default=0.1, help="mbc: share of largest parameters kept")
     p.add_argument("--dims", type=int, default=256, help="mbc: embedding size after reduction")
     p.add_argument("--reduce", default="svd", choices=["svd", "random"], help="mbc: reduction")
@@ -479,4 +497,5 @@ def add_build_command(subparsers) -> None:
 
 
 __all__ = ["BuildError", "build_library", "find_task_files", "kmeans", "cosine_matrix", "cluster_tasks",
-           "reduce_vectors", "sparse_vectors", "plot_similarity", "reusable", "train_or_reuse", "add_if_new", "add_build_command"]
+           "reduce_vectors", "sparse_vectors", "plot_similarity", "reusable", "train_or_reuse", "add_if_new", "add_build_command",
+           "store_clustering", "load_clustering"]

@@ -26,7 +26,10 @@ OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("POST", "/v1/adapters"),
               ("DELETE", "/v1/adapters/{name}"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
               ("POST", "/tokenize"), ("GET", "/tokenizer_info"), ("POST", "/detokenize"),
               ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter"), ("POST", "/v1/completions"),
-              ("POST", "/v1/chat/completions")]
+              ("POST", "/v1/chat/completions"),
+              # the web page's reads (modulora/serve/web.py)
+              ("GET", "/v1/adapters"), ("GET", "/v1/clustering"), ("GET", "/v1/results"), ("GET", "/v1/results/{name}"),
+              ("GET", "/v1/info")]
 # (method, path template) -> statuses answered during this run, for `test_observed_statuses_are_declared`
 OBSERVED: dict[tuple[str, str], set[int]] = defaultdict(set)
 

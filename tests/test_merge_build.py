@@ -279,6 +279,7 @@ def test_build_mbc_clusters_similar_tasks(tiny, data_dir, tmp_path, monkeypatch)
     names = clustering["tasks"]
     i, j, k = names.index("upper"), names.index("upper_copy"), names.index("add")
     assert sim[i, j] > sim[i, k]
+    assert build_mod.load_clustering(lib) == clustering  # kept in the library too, for the web page
     png = tmp_path / "out" / "similarity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
     assert len(count.calls) == 6  # 4 short + 2 cluster adapters

@@ -3,15 +3,18 @@
     modulora serve --library PATH --host 127.0.0.1 --port 8000 [--api-key KEY] [--base B]
                    [--max-resident-experts N] [--request-timeout S] [--log-format json|text]
                    [--allowed-adapter-dir DIR ...] [--max-tokens N] [--max-prompts N] [--max-messages N]
-                   [--max-body-mb MB] [--body-timeout S]
+                   [--max-body-mb MB] [--body-timeout S] [--results DIR]
 
 Endpoints: `GET /health`, `GET /metrics`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/completions`,
 `POST /v1/chat/completions`, `POST /v1/adapters`, `GET /v1/adapters/{name}`, `DELETE /v1/adapters/{name}`,
-vLLM's `POST /tokenize`, `POST /detokenize`, `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`.
+vLLM's `POST /tokenize`, `POST /detokenize`, `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`;
+and for the web page at `GET /` (`web`): `GET /v1/adapters` (the library with details), `GET /v1/clustering`,
+`GET /v1/results`, `GET /v1/results/{name}` (with `--results DIR`) and `GET /v1/info`.
 The package, laid out as vLLM's server is: `protocol` (request bodies, answer helpers), `scheduler`
 (the worker thread and its queue), `serving` (the completions and chat handlers' logic), `app`
 (the FastAPI app, its routes and `modulora serve`), `upload` (uploads and their safety checks),
-`metrics` (the Prometheus text), `request_log` (the per-request log), `errors` (OpenAI's error shape).
+`metrics` (the Prometheus text), `request_log` (the per-request log), `errors` (OpenAI's error shape),
+`web` (the page: static files in `static/`, no build step, nothing fetched from elsewhere).
 
 API key (`--api-key`): GET endpoints are open (models, adapter info, health, metrics); every other
 method under /v1/ needs `Authorization: Bearer KEY`: adapter uploads and deletes, and completions

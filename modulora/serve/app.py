@@ -37,6 +37,7 @@ from ..cli import STORAGE_WORDS, storage_problem
 from .request_log import log_request
 from .scheduler import Scheduler
 from .serving import Serving
+from .web import add_web
 
 
 _log = logging.getLogger("modulora.serve")
@@ -266,7 +267,8 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
                request_timeout: float | None = 300.0, prefix_cache: int = 32,
                allowed_adapter_dirs: Iterable[str | os.PathLike] | None = None, max_tokens: int = 4096,
                max_prompts: int = 64, max_messages: int = 512, max_body_bytes: int = 8 << 20,
-               body_timeout: float | None = 30.0, prefill_chunk: int = 512) -> FastAPI:
+               body_timeout: float | None = 30.0, prefill_chunk: int = 512,
+               results_dir: str | os.PathLike | None = None) -> FastAPI:
     """The FastAPI app; its worker thread starts and stops with the app's lifespan.
 
     `max_upload_bytes` bounds an adapter upload's request body and, separately, the unpacked
@@ -280,6 +282,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
     upload) may take to arrive whole (more -> 408, the connection closed; None: no limit);
     `prefill_chunk` the prompt tokens fed between two decode steps (a longer prompt is prefilled
     over several steps, so it delays the running requests by at most one chunk's time each step).
+    `results_dir`: a folder of `results.json` files the web page at `/` shows (None: none).
 
     Uploads are parsed, unpacked and added in a pool of UPLOAD_WORKERS threads of their own, so
     however many arrive they never take the default pool's threads, which completions and the
@@ -573,6 +576,7 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
         chat_messages(body), chat_params(body)
         return await serving.chat(request, body)
 
+    add_web(app, library, results_dir, base_name=base.name, api_key_required=api_key is not None)
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -680,7 +684,7 @@ def cmd_serve(args) -> None:
 
     configure(args.log_format)
     keep_freed_memory()
-    base = load_base(args.base)
+    base = load_base(args.base, device=args.device, dtype=args.dtype)
     app = create_app(base, Library(args.library), api_key=args.api_key, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, queue_size=args.queue_size,
                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
@@ -689,7 +693,8 @@ def cmd_serve(args) -> None:
                      allowed_adapter_dirs=args.allowed_adapter_dirs, max_tokens=args.max_tokens,
                      max_prompts=args.max_prompts, max_messages=args.max_messages,
                      max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))),
-                     body_timeout=args.body_timeout or None, prefill_chunk=args.prefill_chunk)
+                     body_timeout=args.body_timeout or None, prefill_chunk=args.prefill_chunk,
+                     results_dir=args.results)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
 
 
@@ -716,6 +721,9 @@ def add_serve_command(subparsers) -> None:
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/ endpoints other than GET")
     s.add_argument("--base", default=None, help="base model (default: the bundled SmolLM2)")
+    from ..cli import add_compute_args
+
+    add_compute_args(s)
     s.add_argument("--max-batch", type=at_least(1), default=16, help="prompts generating together at most")
     s.add_argument("--batch-wait-ms", type=at_least(0, float), default=10,
                    help="when idle, wait this long for more requests to start together")
@@ -747,6 +755,9 @@ def add_serve_command(subparsers) -> None:
     s.add_argument("--allowed-adapter-dir", dest="allowed_adapter_dirs", action="append", default=[],
                    metavar="DIR", help="POST /v1/load_lora_adapter may load adapters from inside DIR "
                                        "(repeatable; none: that endpoint is off)")
+    s.add_argument("--results", default=None, metavar="DIR",
+                   help="a folder of evaluation results (results.json of modulora eval / experiments) "
+                        "that the web page at / shows")
     s.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="one line per request on stderr: key=value text, or JSON")
     s.add_argument("--log-level", default="info", help="uvicorn's own log level")
