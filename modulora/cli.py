@@ -299,12 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .routing.merge import add_merge_command
 
     from .experiments import add_experiment_command
+    from .gateway import add_gateway_command
     from .serve import add_serve_command
 
     add_build_command(sub)
     add_experiment_command(sub)
     add_merge_command(sub)
     add_serve_command(sub)
+    add_gateway_command(sub)
 
     d = sub.add_parser("demo", help="train small adapters on generated tasks and compare with the base")
     d.add_argument("--base", default=None, help=base_help)

@@ -306,3 +306,20 @@ def test_routing_errors(tmp_path, lib4, minilm):
     with pytest.raises(RoutingError, match="only 4"):
         learned.route(["x"], top_k=5)
     assert issubclass(RoutingError, ValueError)
+
+
+def test_an_adapter_removed_while_the_index_reads_its_card_is_left_out(lib4, minilm, monkeypatch):
+    """A delete between listing the library and reading a card (an upload/delete churn on a live
+    server) drops that adapter from the index instead of failing the request being routed."""
+    real_list = lib4.list
+
+    def listed_then_removed():
+        records = real_list()  # listed with "upper"; its card is read lazily, after the removal
+        lib4.remove("upper")
+        return records
+
+    monkeypatch.setattr(lib4, "list", listed_then_removed)
+    router = RetrievalRouter(lib4, minilm)
+    monkeypatch.setattr(lib4, "list", real_list)
+    assert "upper" not in router.names and len(router.names) == len(TASKS) - 1
+    assert all("upper" not in r for r in router.route(heldout()[0][:4]))

@@ -2,6 +2,8 @@
 hooks of generate_routed, the engine's continuous batching (rows joining and leaving between
 decode steps) against generate_routed, and the bounded LRU of resident experts in slots."""
 
+import time
+
 import pytest
 import torch
 
@@ -439,7 +441,7 @@ def test_a_route_over_the_library_chooses_again_when_an_adapter_it_chose_is_dele
     s._resolve(items)
     assert set(items[0].resolved) == {"a", "b", "c"}
     lib.remove("c")
-    s._join(items, free=8)
+    s._start(s._prepare(items, free=8))
     assert set(items[0].resolved) == {"a", "b"} and s.engine.load == 1 and not items[0].future.done()
     err = items[1].future.exception(timeout=1)
     assert err.status == 400 and "c" in str(err)
@@ -465,3 +467,35 @@ def test_token_routing_adds_up_to_the_answers_mean_weights(base, lib):
         added = steps[0].experts.get(name, 0) * prompt + sum(s.experts.get(name, 0) for s in steps[1:])
         assert abs(added - mean * fed) < 1e-4, (name, added, mean * fed)
     eng.release()
+
+
+def test_a_failure_while_admitting_fails_the_newcomers_not_the_running_requests(base, tmp_path, random_library):
+    """A bug or a library race while a newcomer is resolved is a 500 for that newcomer; the
+    requests already generating finish their answers."""
+    from modulora.serve import Scheduler, _Item
+    from modulora.serve.errors import APIError
+
+    lib = random_library(tmp_path, ["a", "b"])
+    s = Scheduler(base, lib)
+    s.start()
+    try:
+        ids = base.tokenizer("Peru")["input_ids"]
+        running = _Item(ids, "Peru", "a", params=SamplingParams(max_tokens=40, ignore_eos=True))
+        s.submit([running])
+        while not s.engine.rows:
+            time.sleep(0.01)
+        real = s.router.resolve
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("the library changed underneath")
+
+        s.router.resolve = broken
+        newcomer = _Item(ids, "Peru", "b", params=SamplingParams(max_tokens=4))
+        s.submit([newcomer])
+        err = newcomer.future.exception(timeout=60)
+        assert isinstance(err, APIError) and err.status == 500 and "library changed underneath" in str(err)
+        s.router.resolve = real
+        assert len(running.future.result(timeout=60).token_ids) == 40
+    finally:
+        s.stop()
+        s.engine.release()

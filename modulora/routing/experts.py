@@ -181,14 +181,23 @@ def load_experts(library, names: list[str] | None = None, fingerprint: dict | No
     return experts
 
 
-def _library_expert(library, rec, fingerprint: dict | None) -> LoraExpert:
-    check_base(rec.name, rec.base_id, rec.card, fingerprint)
+def read_record(rec, fingerprint: dict | None) -> tuple:
+    """(config, tensors, card) of a library record, checked against the base; RoutingError when
+    it cannot be read, also when it was removed from the library since it was listed."""
+    from ..library import LibraryError
+
     try:
-        cfg, tensors, card = read_adapter(rec.path)
-    except AdapterError as e:
+        card = rec.card
+        check_base(rec.name, rec.base_id, card, fingerprint)
+        cfg, tensors, own = read_adapter(rec.path)
+    except (AdapterError, LibraryError) as e:
         raise RoutingError(f"cannot read adapter {rec.ref}: {e}") from None
-    e = expert_from_parts(rec.name, cfg, tensors, card if card is not None else rec.card,
-                          object_id=rec.object_id, library=library)
+    return cfg, tensors, own if own is not None else card
+
+
+def _library_expert(library, rec, fingerprint: dict | None) -> LoraExpert:
+    cfg, tensors, card = read_record(rec, fingerprint)
+    e = expert_from_parts(rec.name, cfg, tensors, card, object_id=rec.object_id, library=library)
     e.version = rec.version
     return e
 

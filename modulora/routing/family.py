@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import AdapterError, read_adapter
 from ..adapters.attach import attached_config
 from ..adapters.prefix import kv_shape
 from .arrow import Arrow
-from .experts import ExpertSet, RoutingError, check_base, library_record, normalise_route
+from .experts import ExpertSet, RoutingError, library_record, normalise_route, read_record
 
 LORA = "LoRA"
 
@@ -119,13 +118,8 @@ def load_family(library, names: list[str], fingerprint: dict | None = None,
     experts = {}
     for ref in names:
         rec = library_record(library, ref)
-        check_base(rec.name, rec.base_id, rec.card, fingerprint)
-        try:
-            cfg, tensors, card = read_adapter(rec.path)
-        except AdapterError as e:
-            raise RoutingError(f"cannot read adapter {rec.ref}: {e}") from None
-        experts[rec.name] = family_expert(rec.name, cfg, tensors, card if card is not None else rec.card,
-                                          object_id=rec.object_id, device=device)
+        cfg, tensors, card = read_record(rec, fingerprint)
+        experts[rec.name] = family_expert(rec.name, cfg, tensors, card, object_id=rec.object_id, device=device)
     return experts
 
 

@@ -173,9 +173,14 @@ class RetrievalRouter:
     def _embed_adapters(self, records) -> None:
         """Embed the cards of adapters without a cached vector (one encode call for all) and
         cache the vectors in the library."""
+        from ..library import LibraryError
+
         texts, spans = [], {}
         for rec in records:
-            own = adapter_texts(rec.card)
+            try:
+                own = adapter_texts(rec.card)
+            except LibraryError:  # removed since it was listed: the next refresh drops it
+                continue
             if not own:
                 _notice(f"adapter {rec.name} has no samples or description on its card; retrieval skips it")
                 self._ignored.add(rec.object_id)

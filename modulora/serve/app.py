@@ -342,6 +342,9 @@ def create_app(base, library, api_key: str | None = None, max_batch: int = 16, b
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
+        log = getattr(request.state, "log", None)
+        if log is not None and "error" not in log:  # the request log says why, not only the status
+            log["error"] = exc.message[:300]
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -10,7 +10,9 @@ series, parallel, prefix and base rows share the one running batch.
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -26,6 +28,8 @@ from ..routing.requests import Answer, EngineRequest, SamplingParams, TokenEvent
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import SPECIAL_MODELS
+
+_log = logging.getLogger("modulora.serve")
 
 
 @dataclass(eq=False)  # compared by identity
@@ -231,12 +235,30 @@ class Scheduler:
                  if it.future.set_running_or_notify_cancel()]
         if not fresh and not self.deferred:
             return
-        fresh = self._live(fresh)
-        self._resolve(fresh)
-        fresh = [it for it in fresh if not it.future.done()]
-        candidates = self._live(list(self.deferred)) + fresh
-        self.deferred.clear()
-        self._join(candidates, free)
+        reqs: list[EngineRequest] = []
+        with self._admitting(fresh + list(self.deferred)):
+            fresh = self._live(fresh)
+            self._resolve(fresh)
+            fresh = [it for it in fresh if not it.future.done()]
+            candidates = self._live(list(self.deferred)) + fresh
+            self.deferred.clear()
+            reqs = self._prepare(candidates, free)
+        if reqs:
+            self._start(reqs)
+
+    @contextlib.contextmanager
+    def _admitting(self, items: list[_Item]):
+        """An unexpected error while newcomers are resolved and their adapters loaded (a bug, a
+        library changing underneath) fails those newcomers with 500, not the requests running."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - isolate the failure to the requests being admitted
+            _log.exception("admitting %d request(s) failed", len(items))
+            for it in items:
+                self._fail(it, APIError(500, f"the request could not be admitted: {type(e).__name__}: {e}",
+                                        "server_error"))
+            self.deferred = collections.deque(it for it in self.deferred if not it.future.done())
+            self._jobs = {k: it for k, it in self._jobs.items() if not it.future.done()}
 
     def _live(self, items: list[_Item]) -> list[_Item]:
         """The items still wanted; the others are answered with their stop reason."""
@@ -288,9 +310,9 @@ class Scheduler:
                 self._fail(it, APIError(400, str(e), param="model"))
         return ok
 
-    def _join(self, candidates: list[_Item], free: int) -> None:
-        """Admit candidates in order while their rows and experts fit (the rest wait in
-        `deferred`), make their experts resident, and start them."""
+    def _prepare(self, candidates: list[_Item], free: int) -> list[EngineRequest]:
+        """The engine requests of the candidates that fit now, their experts resident; the rest
+        wait in `deferred`, the ones that cannot run are answered."""
         admit, chosen = self._pick(candidates, free)
         admit = self._load(admit, chosen)
         reqs = []
@@ -305,8 +327,10 @@ class Scheduler:
                 continue
             self._jobs[id(req)] = it
             reqs.append(req)
-        if not reqs:
-            return
+        return reqs
+
+    def _start(self, reqs: list[EngineRequest]) -> None:
+        """Prefill the prepared requests into the running batch."""
         try:
             finished = self.engine.add(reqs)
         except RoutingError as e:  # checked one by one above; a batch can still be refused whole
