@@ -446,6 +446,11 @@ def test_a_route_over_the_library_chooses_again_when_an_adapter_it_chose_is_dele
     err = items[1].future.exception(timeout=1)
     assert err.status == 400 and "c" in str(err)
     s.engine.clear("error")
+    late = _Item(base.tokenizer("Peru")["input_ids"], "Peru", "uniform", params=SamplingParams(max_tokens=2))
+    s._resolve([late])
+    s._load([late], {})
+    lib.remove("b")  # deleted after its LoRA was loaded: the request runs with the resident copy
+    assert s._family([late]) == [late] and not late.future.done()
     s.engine.release()
 
 

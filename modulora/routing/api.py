@@ -81,7 +81,7 @@ class Router:
         """(the series / parallel / prefix experts these routes name, whether any route uses LoRA)."""
         types = self.adapter_types()
         named = {n for r in resolved if isinstance(r, dict) for n in r}
-        others = self.family_experts(sorted(n for n in named if types.get(n) != "lora"))
+        others = self.family_experts(sorted(n for n in named if types.get(n) not in (None, "lora")))
         return others, any(isinstance(r, Arrow) for r in resolved) or any(types.get(n) == "lora" for n in named)
 
     def lora_names(self) -> list[str]:

@@ -301,7 +301,9 @@ class Scheduler:
         types = self.router.adapter_types()
         ok = []
         for it in items:
-            names = sorted(n for n in (it.resolved if isinstance(it.resolved, dict) else ()) if types.get(n) != "lora")
+            named = it.resolved if isinstance(it.resolved, dict) else ()
+            # bottleneck and prefix adapters; a LoRA deleted since it was loaded is not one of them
+            names = sorted(n for n in named if types.get(n) not in (None, "lora"))
             try:
                 if names:
                     self.engine.use_family(self.router.family_experts(names))
