@@ -563,6 +563,16 @@ def rss_growth(samples: list[dict], warmup: int) -> tuple[float | None, int]:
     return max(s["rss_mb"] for s in samples[w:]) / ref - 1, w
 
 
+def rss_trend(samples: list[dict], warmup: int = 5) -> float | None:
+    """Growth of the mean RSS of the last 5 minutes over the mean of the 5 minutes after the
+    warm-up: the trend, which one minute's sample (RSS moves by tens of MB as batches, uploads and
+    page cache come and go) cannot decide alone; None for runs shorter than 2 x 5 + warm-up."""
+    after = [s["rss_mb"] for s in samples[warmup - 1:]]
+    if len(after) < 10:
+        return None
+    return (sum(after[-5:]) / 5) / (sum(after[:5]) / 5) - 1
+
+
 def statuses(events: list[tuple]) -> str:
     return ", ".join(f"{s} x{n}" for s, n in sorted(Counter(str(e[3]) for e in events).items()))
 
@@ -626,6 +636,7 @@ def report(args, samples: list[dict], rec: Record, metrics_5xx: int, whole: bool
          growth is None or growth < 0.05),
         ("library whole", "yes" if whole else "no", whole),
     ]
+    trend = rss_trend(samples)
     ok = all(v[2] for v in verdicts)
     rows = [[str(s["minute"]), f"{s['rss_mb']:.1f}", str(s["requests"]), str(s["failed"]), str(s["429"]),
              str(s["5xx"]), f"{s['p50_s']:.2f}", f"{s['p95_s']:.2f}", f"{s['uploads']}", str(s["upload_failed"]),
@@ -659,6 +670,9 @@ def report(args, samples: list[dict], rec: Record, metrics_5xx: int, whole: bool
         f"Hostile requests not sent because 8 were still running: {skipped}.\n\n"
         "## Verdicts\n\n" + table(["goal", "measured", "result"],
                                   [[g, m, "met" if v else "**not met**"] for g, m, v in verdicts])
+        + ("" if trend is None else
+           f"\n\nRSS trend (the verdict above compares the largest later minute with one minute's sample): "
+           f"the mean of the last 5 minutes is {100 * trend:+.2f}% over the mean of minutes 5-9.")
         + "\n\n## Per minute\n\n"
         "RSS: VmRSS of the server and its children at the end of the minute; requests, failed, 429, p50/p95: the "
         "well-formed clients' requests that ended in the minute (the last minute: also those in flight at the end, "
@@ -679,7 +693,7 @@ def report(args, samples: list[dict], rec: Record, metrics_5xx: int, whole: bool
                "minutes": samples, "peak_rss_mb": peak_kib / 1024,
                "totals": {"requests": len(client), "failed_well_formed": failed, "5xx_seen": seen_5xx,
                           "5xx_metrics": metrics_5xx, "hostile": len(hostile), "hostile_failed": hostile_bad,
-                          "rss_growth": growth, "rss_warmup_minute": warm, "library_whole": whole,
+                          "rss_growth": growth, "rss_trend": trend, "rss_warmup_minute": warm, "library_whole": whole,
                           "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)},
                "routes": {k: {"requests": len(es), "failed": sum(not e[5] for e in es)} for k, es in by_kind.items()},
                "hostile": {k: {"sent": len(es), "statuses": dict(Counter(str(e[3]) for e in es)),
