@@ -170,8 +170,9 @@ def test_accepted_means_routable_refused_means_untouched(base, batch, opts, seed
         got = route_logits(lib, retrieval, ids, mask)
         torch.testing.assert_close(got[0][valid[0]], expected[0][valid[0]], atol=ATOL, rtol=0)
         uniform = route_logits(lib, [{"odd": 0.5, "plain": 0.5}] * 2, ids, mask)
+        # two experts summed in another order than PEFT's: hypothesis finds logits ~2e-4 apart
         torch.testing.assert_close(uniform[valid], peft_pair_logits(tmp / "odd", tmp / "plain", ids, mask)[valid],
-                                   atol=ATOL, rtol=0)
+                                   atol=3 * ATOL, rtol=0)
         assert torch.isfinite(route_logits(lib, [Arrow(top_k=1)] * 2, ids, mask)[valid]).all()
 
 
