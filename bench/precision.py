@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from routing import cpu_model  # noqa: E402
 from serve import TASK_OF, prompts_for, run_clients, start_server, stop_server  # noqa: E402
 
 from modulora.compute import cpu_has_bf16  # noqa: E402
@@ -38,13 +39,6 @@ def one_round(url: str, names: list[str], prompts: dict, clients: int, seconds: 
     requests = sum(len(c.latencies) for c in done)
     return {"rps": requests / wall, "tps": sum(c.tokens for c in done) / wall,
             "failed": sum(len(c.failures) for c in done), "requests": requests}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:
@@ -89,7 +83,7 @@ def main() -> None:
     text = "\n".join([
         "# Serving precision: fp32 against bf16 autocast (CPU)", "",
         f"`python bench/precision.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
-        f"Hardware: {cpu_name()}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}; torch {torch.__version__}. "
+        f"Hardware: {cpu_model()}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}; torch {torch.__version__}. "
         f"{args.clients} clients, each a different adapter of the library in turn, chat completions of "
         f"{args.max_tokens} tokens, {args.seconds:g} s per server per round, the order alternating.", "",
         table(["round", "order", "fp32 req/s", "bf16 req/s", "fp32 tok/s", "bf16 tok/s", "bf16 / fp32", "failed"],

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from modulora.base import load_base
+sys.path.insert(0, str(Path(__file__).parent))
+from routing import cpu_model  # noqa: E402
+
+from modulora.base import load_base  # noqa: E402
 from modulora.compute import cpu_has_bf16
 from modulora.report import table
 from modulora.routing.engine import Engine
@@ -48,13 +51,6 @@ def one_run(base, chunk: int, long_ids: list[int]) -> dict:
     return {"max_gap": max(gaps), "median_gap": statistics.median(gaps), "ttft": first[0] - joined}
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="default: the bundled SmolLM2")
@@ -80,7 +76,7 @@ def main() -> None:
     text = "\n".join([
         "# A long prompt joining a running batch: the running request's longest wait", "",
         f"`python bench/prefill_stall.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
-        f"Hardware: {cpu_name()}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}; torch {torch.__version__}; "
+        f"Hardware: {cpu_model()}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}; torch {torch.__version__}; "
         f"base {base.name} on {base.compute.describe()}. One request generates 160 tokens; after its 10th a "
         f"{len(long_ids)}-token prompt joins. Medians of {args.repeats} interleaved repeats.", "",
         table(["prefill chunk (tokens)", "longest wait between two tokens (ms)", "median wait (ms)",

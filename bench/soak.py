@@ -56,6 +56,7 @@ from typing import Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from routing import cpu_model  # noqa: E402
 from serve import library_whole, pct, proc_status, prompts_for, start_server, stop_server, versions  # noqa: E402
 
 from modulora.library import Library  # noqa: E402
@@ -604,11 +605,7 @@ def plot(samples: list[dict], path: Path) -> str:
 
 
 def hardware() -> str:
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores (server and clients on the same machine, traffic on 127.0.0.1); " \
+    return f"{cpu_model()}, {os.cpu_count()} cores (server and clients on the same machine, traffic on 127.0.0.1); " \
            f"{versions()}"
 
 

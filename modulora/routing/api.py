@@ -81,8 +81,14 @@ class Router:
         """(the series / parallel / prefix experts these routes name, whether any route uses LoRA)."""
         types = self.adapter_types()
         named = {n for r in resolved if isinstance(r, dict) for n in r}
-        others = self.family_experts(sorted(n for n in named if types.get(n) not in (None, "lora")))
+        others = self.family_experts(self.family_names(named))
         return others, any(isinstance(r, Arrow) for r in resolved) or any(types.get(n) == "lora" for n in named)
+
+    def family_names(self, names) -> list[str]:
+        """The series, parallel and prefix adapters among `names`, sorted (a LoRA adapter deleted
+        since its weights were loaded is not one of them)."""
+        types = self.adapter_types()
+        return sorted(n for n in names if types.get(n) not in (None, "lora"))
 
     def lora_names(self) -> list[str]:
         """The library's LoRA adapters (latest versions) in the expert set's order, without loading

@@ -105,9 +105,7 @@ class ResidentExperts:
             except LibraryError:
                 same = False
             if not same:
-                raise RoutingError(f"adapter {name} (version {version}, the one this request arrived with) was "
-                                   "deleted or replaced while it waited; send the request again to use what the "
-                                   "library holds now")
+                raise pin_gone(name, version, "deleted or replaced")
 
     def put(self, experts: list[LoraExpert], keep: set[str] = frozenset()) -> None:
         """Copy `experts` into slots (an expert object already in its slot stays), evicting least
@@ -150,4 +148,10 @@ class ResidentExperts:
                     "resident": len(self._lru), "capacity": self.capacity or 0}
 
 
-__all__ = ["ResidentExperts", "RoutingError"]
+def pin_gone(name: str, version: int, what: str) -> RoutingError:
+    """The error of a request whose adapter version was `what` ("replaced", ...) while it waited."""
+    return RoutingError(f"adapter {name} (version {version}, the one this request arrived with) was {what} while "
+                        "it waited; send the request again to use what the library holds now")
+
+
+__all__ = ["ResidentExperts", "RoutingError", "pin_gone"]

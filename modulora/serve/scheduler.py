@@ -10,8 +10,8 @@ series, parallel, prefix and base rows share the one running batch.
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -25,6 +25,7 @@ from ..routing.arrow import Arrow
 from ..routing.engine import Engine
 from ..routing.experts import RoutingError
 from ..routing.requests import Answer, EngineRequest, SamplingParams, TokenEvent
+from ..routing.resident import pin_gone
 from .errors import APIError
 from .metrics import Metrics
 from .protocol import SPECIAL_MODELS
@@ -298,12 +299,9 @@ class Scheduler:
     def _family(self, items: list[_Item]) -> list[_Item]:
         """Give the engine the series, parallel and prefix adapters these items name; the items
         whose adapters cannot be read are answered 400 and left out."""
-        types = self.router.adapter_types()
         ok = []
         for it in items:
-            named = it.resolved if isinstance(it.resolved, dict) else ()
-            # bottleneck and prefix adapters; a LoRA deleted since it was loaded is not one of them
-            names = sorted(n for n in named if types.get(n) not in (None, "lora"))
+            names = self.router.family_names(it.resolved if isinstance(it.resolved, dict) else ())
             try:
                 if names:
                     self.engine.use_family(self.router.family_experts(names))
@@ -429,9 +427,7 @@ class Scheduler:
             self.resident.check_pins({n: changed[n] for n in lora})
             other = sorted(set(changed) - lora)
             if other:
-                raise RoutingError(f"adapter {other[0]} (version {changed[other[0]][0]}, the one this request "
-                                   "arrived with) was replaced while it waited; send the request again to use "
-                                   "what the library holds now")
+                raise pin_gone(other[0], changed[other[0]][0], "replaced")
         except RoutingError as e:
             self._fail(it, APIError(409, str(e), param="model", code="adapter_changed"))
             return None
