@@ -103,6 +103,34 @@ def train_or_reuse(base, task: Task, adapter: AdapterConfig, cfg: TrainConfig, o
     return train_adapter(base, task, adapter, cfg, out, data_hash=data_hash, progress=progress), False
 
 
+def _trained(base, jobs: list, adapter: AdapterConfig, progress: bool, ray, spec, desc: str, unit: str):
+    """(job, metrics, reused) for each job (name, task, cfg, path, data_hash), in job order: trained
+    here one after another, or (`ray`) the ones not reusable as Ray tasks, the driver writing each
+    adapter into its path as a local build would. Units that failed raise a BuildError at the end."""
+    if ray is None:
+        bar = tqdm(jobs, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+        for job in bar:
+            name, task, cfg, path, data_hash = job
+            bar.set_postfix({unit: name})
+            yield (job, *train_or_reuse(base, task, adapter, cfg, path, data_hash, progress))
+        return
+    from .cluster import train_on_cluster
+
+    fresh = [j for j in jobs if not reusable(j[3], j[1].name, j[4], adapter, j[2], base.fingerprint["id"])]
+    with tqdm(total=len(fresh), desc=f"{desc} (ray)", unit=unit, disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:
+        done, failed = train_on_cluster(ray, spec, fresh, adapter, bar)
+    for job in jobs:
+        path = job[3]
+        if path in done:
+            yield job, done[path], False
+        elif path not in failed:
+            yield job, json.loads((path / "card.json").read_text()).get("metrics") or {}, True
+    if failed:
+        raise BuildError(f"{len(failed)} of {len(fresh)} unit(s) failed on the Ray cluster (a rerun trains only "
+                         "those): " + "; ".join(f"{p.name}: {why}" for p, why in failed.items()))
+
+
 def _update_card(out: Path, extra: dict) -> None:
     path = out / "card.json"
     card = json.loads(path.read_text())
@@ -318,7 +346,8 @@ def load_clustering(library) -> dict | None:
 def build_library(base, data_dir, out_dir, library=None, mode: str = "private", clusters: int | None = None,
                   steps: int | None = None, mbc_steps: int | None = None, adapter: AdapterConfig | None = None,
                   train: TrainConfig | None = None, keep: float = 0.1, dims: int = 256, reduce: str = "svd",
-                  progress: bool = True, short_dir: str | os.PathLike | None = None, device: str = "auto") -> dict:
+                  progress: bool = True, short_dir: str | os.PathLike | None = None, device: str = "auto",
+                  ray=None) -> dict:
     """Train a library from the task files in `data_dir` and return a summary.
 
     base: a loaded `Base`, or a name for `load_base` (loaded after the inputs are checked, on
@@ -330,6 +359,9 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
     short_dir: where the short LoRAs live (default out_dir/mbc); point it at a private build's
       `adapters/` folder with mbc_steps equal to its steps to cluster those adapters without training.
     keep / dims / reduce: MBC embedding: share of parameters kept, reduced size, "svd" or "random".
+    ray: a `modulora.cluster.RayOptions`: each adapter (short and cluster LoRAs too) is trained as a
+      Ray task on `base`'s name, on `device` (by its reservation) in `train.dtype`; the driver loads
+      the base on its CPU (fingerprint, clustering) and alone writes out_dir and the library.
     """
     if mode not in MODES:
         raise BuildError(f"unknown build mode {mode!r}; use private or mbc")
@@ -373,10 +405,20 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
         from .library import Library
 
         library = Library(library)
+    spec = None
+    if ray is not None:
+        from .cluster import check, unit_device
+
+        check(ray)  # no ray installed, a cluster not there: said before anything loads
+        unit_device(device, ray)
     if base is None or isinstance(base, (str, os.PathLike)):
         from .base import load_base
 
-        base = load_base(base, device=device, dtype=train.dtype)
+        base = load_base(base, device="cpu", dtype="fp32") if ray else load_base(base, device=device, dtype=train.dtype)
+    if ray is not None:
+        from .cluster import worker_base
+
+        spec = worker_base(base, device, train.dtype, ray)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"mode": mode, "out_dir": str(out), "tasks": list(tasks), "adapters": [], "trained": [], "reused": []}
@@ -389,21 +431,16 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
                                         "library_version": version, "added": added, "metrics": metrics})
 
     if mode == "private":
-        bar = tqdm(list(tasks.items()), desc="build: adapters", unit="task", disable=not progress, dynamic_ncols=True)
-        for name, task in bar:
-            bar.set_postfix(task=name)
-            path = out / "adapters" / name
-            metrics, reused = train_or_reuse(base, task, adapter, train, path, hashes[name], progress)
+        jobs = [(name, task, train, out / "adapters" / name, hashes[name]) for name, task in tasks.items()]
+        for (name, _, _, path, _), metrics, reused in _trained(base, jobs, adapter, progress, ray, spec,
+                                                               "build: adapters", "task"):
             record(name, path, [name], metrics, reused, add=True)
     else:
-        short = {}
-        bar = tqdm(list(tasks.items()), desc="mbc: short adapters", unit="task", disable=not progress,
-                   dynamic_ncols=True)
-        for name, task in bar:
-            bar.set_postfix(task=name)
-            short[name] = Path(short_dir) / name if short_dir else out / "mbc" / name
-            metrics, reused = train_or_reuse(base, task, adapter, short_cfg, short[name], hashes[name], progress)
-            record(f"mbc:{name}", short[name], [name], metrics, reused, add=False)
+        short = {name: Path(short_dir) / name if short_dir else out / "mbc" / name for name in tasks}
+        jobs = [(name, task, short_cfg, short[name], hashes[name]) for name, task in tasks.items()]
+        for (name, _, _, path, _), metrics, reused in _trained(base, jobs, adapter, progress, ray, spec,
+                                                               "mbc: short adapters", "task"):
+            record(f"mbc:{name}", path, [name], metrics, reused, add=False)
         names = list(tasks)
         labels, sim = cluster_tasks(base, [short[n] for n in names], clusters, adapter, train.seed,
                                     keep, dims, reduce)
@@ -422,15 +459,14 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
                         f"MBC task similarity ({clusters} clusters, {len(names)} tasks)")
         summary.update(clusters=members, assignment=clustering["assignment"],
                        clustering=str(out / "clustering.json"), heatmap=str(out / "similarity.png"))
-        bar = tqdm(list(members.items()), desc="mbc: cluster adapters", unit="cluster", disable=not progress,
-                   dynamic_ncols=True)
-        for cname, member_names in bar:
-            bar.set_postfix(cluster=cname)
-            task = Task(name=cname, description="Tasks: " + ", ".join(member_names),
-                        examples=[ex for n in member_names for ex in tasks[n].examples], format="mixed")
-            data_hash = hashlib.sha256("".join(f"{n}\0{hashes[n]}\n" for n in member_names).encode()).hexdigest()
-            path = out / "adapters" / cname
-            metrics, reused = train_or_reuse(base, task, adapter, train, path, data_hash, progress)
+        jobs = [(cname, Task(name=cname, description="Tasks: " + ", ".join(member_names),
+                             examples=[ex for n in member_names for ex in tasks[n].examples], format="mixed"),
+                 train, out / "adapters" / cname,
+                 hashlib.sha256("".join(f"{n}\0{hashes[n]}\n" for n in member_names).encode()).hexdigest())
+                for cname, member_names in members.items()]
+        for (cname, _, _, path, _), metrics, reused in _trained(base, jobs, adapter, progress, ray, spec,
+                                                                "mbc: cluster adapters", "cluster"):
+            member_names = members[cname]
             if json.loads((path / "card.json").read_text()).get("cluster_tasks") != member_names:
                 _update_card(path, {"cluster_tasks": member_names})
             record(cname, path, member_names, metrics, reused, add=True)
@@ -448,12 +484,13 @@ def cmd_build(args) -> None:
     adapter = AdapterConfig(type="lora", r=args.rank, alpha=alpha, dropout=args.dropout, **targets)
     train = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                         dtype=args.dtype, epochs=args.epochs, micro_batch=args.micro_batch)
+    from .cli import ray_options
     from .library import Library
 
     summary = build_library(args.base, args.data, args.out, Library(args.library), device=args.device,
                             mode=args.mode, clusters=args.clusters, steps=args.steps, mbc_steps=args.mbc_steps,
                             adapter=adapter, train=train, keep=args.keep, dims=args.dims, reduce=args.reduce,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, ray=ray_options(args))
     print(table(["adapter", "tasks", "reused", "library version", "val loss"],
                 [[a["name"], ", ".join(a["tasks"]), "yes" if a["reused"] else "no", a["library_version"],
                   (a["metrics"] or {}).get("val_loss")] for a in summary["adapters"]]))
@@ -486,9 +523,10 @@ def add_build_command(subparsers) -> None:
                    help="rows per forward/backward pass: less memory, same update (default: the whole batch)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    from .cli import add_compute_args
+    from .cli import add_compute_args, add_ray_args
 
     add_compute_args(p)
+    add_ray_args(p)
     p.add_argument("--keep", type=float, default=0.1, help="mbc: share of largest parameters kept")
     p.add_argument("--dims", type=int, default=256, help="mbc: embedding size after reduction")
     p.add_argument("--reduce", default="svd", choices=["svd", "random"], help="mbc: reduction")

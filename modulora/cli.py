@@ -67,7 +67,7 @@ def cmd_generate(args) -> None:
 
         router = Router(base, _library(args))
         answers = router.answer(args.prompt, [args.route] * len(args.prompt), top_k=args.top_k, mode=args.mode,
-                                explain=args.explain, sampling=params)
+                                explain=args.explain, sampling=params, fallback=args.fallback)
         for prompt, ans in zip(args.prompt, answers):
             print(f">>> {prompt}\n{ans.text.strip()}")
             if args.explain:
@@ -102,19 +102,29 @@ def _load_one(engine, lib, ref: str, base) -> str:
 
 def cmd_router(args) -> None:
     from .base import load_base
+    from .routing.abstain import table
     from .routing.learned import train_router
 
     lib = _library(args)
+    if args.action == "calibrate":
+        from .routing.retrieval import RetrievalRouter
+
+        fitted = RetrievalRouter(lib).calibrate(args.max_in_domain_abstain)
+        print(f"fitted the retrieval router's abstention threshold; saved in {lib.root}\n{table(fitted)}")
+        return
     base = load_base(args.base, device=args.device, dtype=args.dtype) if args.embedder == "base" else None
     embedder = None
     if base is not None:
         from .routing.embed import BaseEmbedder
 
         embedder = BaseEmbedder(base)
-    router = train_router(lib, embedder=embedder, memory_per_task=args.memory, epochs=args.epochs, seed=args.seed)
+    router = train_router(lib, embedder=embedder, memory_per_task=args.memory, epochs=args.epochs, seed=args.seed,
+                          max_in_domain=args.max_in_domain_abstain)
     router.save(lib)
     print(f"trained the learned router on {len(router.names)} adapters "
           f"({args.memory} examples per task at most); saved in {lib.root}")
+    fitted = router.abstention()
+    print(table(fitted) if fitted else "no abstention threshold: it needs two adapters with two examples each")
 
 
 def cmd_eval(args) -> None:
@@ -126,12 +136,19 @@ def cmd_eval(args) -> None:
                           loglik=args.loglik, max_new_tokens=args.max_new_tokens, name=name,
                           positive_examples=args.positive_examples) for name, f in files]
     routes = list(args.route) + ([args.adapter] if args.adapter else [])
-    methods = [Method(name=r if r == "base" or args.top_k == 1 or "," in r or ":" in r else f"{r} top-{args.top_k}",
-                      route=r, top_k=args.top_k, mode=args.mode) for r in routes or ["base"]]
+    methods = [Method(name=(r if r == "base" or args.top_k == 1 or "," in r or ":" in r else f"{r} top-{args.top_k}")
+                      + (f" abstain->{args.fallback}" if args.fallback and r in ("retrieval", "learned") else ""),
+                      route=r, top_k=args.top_k, mode=args.mode,
+                      fallback=args.fallback if r in ("retrieval", "learned") else None) for r in routes or ["base"]]
     lib = args.library or str(_library(args).root)
     check_methods(methods, lib)  # before the model loads
+    ray = ray_options(args)
+    if ray is not None:
+        from .cluster import check
+
+        check(ray)  # before the model loads
     results = evaluate(load_base(args.base, device=args.device, dtype=args.dtype), tasks, methods, args.out,
-                       library=lib, batch_size=args.batch_size)
+                       library=lib, batch_size=args.batch_size, ray=ray)
     print(results.markdown())
     if args.show:
         for rec in results.predictions[: args.show]:
@@ -188,7 +205,29 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
                         "autocast where the CPU has native bf16 (faster; fp32 gives exact logits); fp16: GPUs only")
 
 
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """--ray ADDRESS and the resources of each unit: build and eval run their units as Ray tasks
+    (modulora.cluster; needs the `ray` extra)."""
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the units as tasks on a running Ray cluster (HOST:PORT, or auto); "
+                        "needs pip install 'modulora[ray]'")
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs each unit reserves (and its torch threads)")
+    p.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs each unit reserves (> 0: units run on CUDA)")
+    p.add_argument("--ray-retries", type=int, default=3, help="reruns of a unit whose worker or node died")
+
+
+def ray_options(args):
+    """The RayOptions that --ray asks for, or None (the default: no cluster, no ray import)."""
+    if not args.ray:
+        return None
+    from .cluster import RayOptions
+
+    return RayOptions(address=args.ray, num_cpus=args.ray_cpus, num_gpus=args.ray_gpus, max_retries=args.ray_retries)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .routing.abstain import DEFAULT_MAX_IN_DOMAIN, FALLBACKS
+
     p = argparse.ArgumentParser(prog="modulora", description=__doc__)
     p.add_argument("--library", default=None, help="library folder (default $MODULORA_HOME/library)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="mixture", choices=["mixture", "average"],
                    help="compose by output mixture or by parameter averaging")
     g.add_argument("--explain", action="store_true", help="print which experts each request used")
+    g.add_argument("--fallback", default=None, choices=FALLBACKS,
+                   help="retrieval/learned: when the best expert's score is under the calibrated threshold, "
+                        "answer with this instead (modulora router calibrate / router train fit it)")
     g.add_argument("--base-only", action="store_true")
     g.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     g.add_argument("--base", default=None, help=base_help)
@@ -251,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method: base | arrow | retrieval | learned | uniform | NAME[,NAME] | NAME:W,...; repeat")
     e.add_argument("--adapter", default=None, help="shorthand for --route NAME")
     e.add_argument("--top-k", type=int, default=1)
+    e.add_argument("--fallback", default=None, choices=FALLBACKS,
+                   help="retrieval/learned routes abstain under their calibrated threshold to this policy")
     e.add_argument("--mode", default="mixture", choices=["mixture", "average"])
     e.add_argument("--base", default=None, help=base_help)
     e.add_argument("--n", type=int, default=None, help="a seeded subsample of at most N examples per task")
@@ -262,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=None, help="default by metric (256 for math, 32 short answers)")
     e.add_argument("--batch-size", type=int, default=16)
     add_compute_args(e)
+    add_ray_args(e)
     e.add_argument("--out", default="eval-results", help="results folder; a rerun with the same settings resumes")
     e.add_argument("--show", type=int, default=0, help="print the first N predictions")
     e.set_defaults(func=cmd_eval)
@@ -284,10 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--version", type=int, default=None)
     lib.set_defaults(func=cmd_library)
 
-    r = sub.add_parser("router", help="the learned router (L2R)")
+    r = sub.add_parser("router", help="the learned router (L2R) and the abstention thresholds")
     rsub = r.add_subparsers(dest="action", required=True)
+    rc = rsub.add_parser("calibrate", help="fit the retrieval router's abstention threshold on the library's card "
+                                           "samples (the learned router's is fitted by router train)")
+    rc.add_argument("--max-in-domain-abstain", type=float, default=DEFAULT_MAX_IN_DOMAIN,
+                    help="let at most this share of in-domain requests abstain")
     rt = rsub.add_parser("train", help="(re)train it on a memory of examples per adapter; run after adding adapters")
     rt.add_argument("--memory", type=int, default=50, help="examples per task at most")
+    rt.add_argument("--max-in-domain-abstain", type=float, default=DEFAULT_MAX_IN_DOMAIN,
+                    help="the abstention threshold lets at most this share of in-domain requests abstain")
     rt.add_argument("--epochs", type=int, default=100)
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--embedder", default="minilm", choices=["minilm", "base"])

@@ -59,6 +59,7 @@ class Method:
     top_k: int = 1
     mode: str = "mixture"
     exclude_own: bool = False
+    fallback: str | None = None       # retrieval / learned: abstain under the threshold to this policy
 
 
 def auto_metrics(fmt: str, references: list[str]) -> list[str]:
@@ -135,6 +136,12 @@ def check_methods(methods: list[Method], default_library: str | None,
         if m.name in names_seen:
             raise EvalError(f"two methods are called {m.name!r}")
         names_seen.add(m.name)
+        if m.fallback is not None:
+            from .routing.abstain import FALLBACKS
+
+            if m.route not in ("retrieval", "learned") or m.fallback not in FALLBACKS:
+                raise EvalError(f"method {m.name!r}: a fallback ({', '.join(FALLBACKS)}) is for the retrieval and "
+                                f"learned routes; got fallback {m.fallback!r} with route {m.route!r}")
         if m.route == "base":
             continue
         lib_path = m.library or default_library
@@ -207,12 +214,16 @@ def _load_done(path: Path) -> dict[str, dict]:
 
 def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | os.PathLike,
              library: str | None = None, batch_size: int = 16, progress: bool = True,
-             plots: bool = True) -> Results:
+             plots: bool = True, ray=None) -> Results:
     """Score every method on every task; resumes from `<out_dir>/predictions.jsonl`.
 
     The base's precision (`load_base(dtype=...)`: on a CPU with native bf16, "auto" is bf16
     autocast, about 1.5x the decode rate of fp32; "fp32" gives the exact logits) is part of a
-    method's settings."""
+    method's settings.
+
+    ray: a `modulora.cluster.RayOptions`: each chunk (method x task x batch of examples, the
+    chunks a local run makes) is a Ray task that loads `base`'s name in its precision and reads the
+    library read-only (at the same path on every node); the driver alone writes the results."""
     from .library import Library
     from .routing.api import Router
 
@@ -223,6 +234,10 @@ def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | 
     if len({t.name for t in tasks}) != len(tasks):
         raise EvalError("two tasks have the same name; give them distinct names")
     check_methods(methods, library, tasks)
+    if ray is not None:
+        from .cluster import check
+
+        check(ray)  # no ray installed, a cluster not there: said before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, tasks, methods, library, base.compute.describe())
@@ -236,25 +251,41 @@ def evaluate(base, tasks: list[EvalTask], methods: list[Method], out_dir: str | 
             routers[lib] = Router(base, Library(lib) if lib else _EmptyLibrary())
         return routers[lib]
 
-    todo = [(m, t, ex) for m in methods for t in tasks for ex in t.examples
-            if _key(m.name, t.name, ex.id) not in done]
-    bar = tqdm(total=len(todo), desc="eval", unit="ex", disable=not progress, dynamic_ncols=True,
-               initial=0, mininterval=0.5)
+    chunks = []  # (method, task, example rows) still to score
+    for m in methods:
+        for t in tasks:
+            pending = [i for i, ex in enumerate(t.examples) if _key(m.name, t.name, ex.id) not in done]
+            step = max(1, batch_size // 4) if t.loglik else batch_size
+            chunks += [(m, t, pending[s:s + step]) for s in range(0, len(pending), step)]
+    bar = tqdm(total=sum(len(rows) for _, _, rows in chunks), desc="eval" + (" (ray)" if ray else ""), unit="ex",
+               disable=not progress, dynamic_ncols=True, initial=0, mininterval=0.5)
     with open(pred_path, "a", encoding="utf-8") as sink:
-        for m in methods:
-            for t in tasks:
-                pending = [i for i, ex in enumerate(t.examples) if _key(m.name, t.name, ex.id) not in done]
-                step = max(1, batch_size // 4) if t.loglik else batch_size
-                for s in range(0, len(pending), step):
-                    chunk = pending[s:s + step]
-                    bar.set_postfix(method=m.name, task=t.name[:24])
-                    recs = _run_chunk(router_for(m), m, t, chunk, batch_size)
-                    for rec in recs:
-                        done[_key(m.name, t.name, rec["id"])] = rec
-                        sink.write(json.dumps(rec) + "\n")
-                    sink.flush()
-                    os.fsync(sink.fileno())
-                    bar.update(len(chunk))
+        def save(recs: list[dict]) -> None:  # the only writer of predictions.jsonl, also with ray
+            for rec in recs:
+                done[_key(rec["method"], rec["task"], rec["id"])] = rec
+                sink.write(json.dumps(rec) + "\n")
+            sink.flush()
+            os.fsync(sink.fileno())
+
+        if ray is None:
+            for m, t, rows in chunks:
+                bar.set_postfix(method=m.name, task=t.name[:24])
+                save(_run_chunk(router_for(m), m, t, rows, batch_size))
+                bar.update(len(rows))
+        else:
+            from .cluster import eval_unit, precision_of, run_units, worker_base
+
+            spec = worker_base(base, "auto", precision_of(base.compute), ray)
+            lib_of = {m.name: str(Path(m.library or library).resolve()) if (m.library or library) else ""
+                      for m in methods}  # workers start elsewhere: absolute paths
+            units = [(i, (spec, lib_of[m.name], m, t, rows, batch_size), len(rows))
+                     for i, (m, t, rows) in enumerate(chunks)]
+            failed = run_units(ray, eval_unit, units, lambda _, recs: save(recs), bar)
+            if failed:
+                bar.close()
+                raise EvalError(f"{len(failed)} of {len(units)} unit(s) failed on the Ray cluster (a rerun scores "
+                                "only those): " + "; ".join(f"{chunks[i][0].name} x {chunks[i][1].name}: {why}"
+                                                           for i, why in failed.items()))
     bar.close()
     results = _collect(tasks, methods, done)
     write_results(results, out, plots=plots, config={"methods": [asdict(m) for m in methods],
@@ -306,24 +337,25 @@ def _run_chunk(router, m: Method, t: EvalTask, rows: list[int], batch_size: int)
         options = [options_of(ex, metric) for ex in chunk]
         conts = [[_continuation(o, metric) for o in opts] for opts in options]
         lps = continuation_logprobs(router, prompts, conts, routes, top_k=m.top_k, mode=m.mode,
-                                    batch_size=batch_size, exclude=exclude)
+                                    batch_size=batch_size, exclude=exclude, fallback=m.fallback)
         texts = [_continuation(opts[max(range(len(lp)), key=lp.__getitem__)], metric)
                  for opts, lp in zip(options, lps)]
-        experts = [{} for _ in chunk]
+        answers = [None] * len(chunk)
         if m.route != "base":  # which experts the route picks, for the heatmap (one cheap pass)
-            experts = [a.experts for a in router.answer(prompts, routes, top_k=m.top_k, mode=m.mode,
-                                                        max_new_tokens=0, batch_size=batch_size,
-                                                        exclude=exclude)]
+            answers = router.answer(prompts, routes, top_k=m.top_k, mode=m.mode, max_new_tokens=0,
+                                    batch_size=batch_size, exclude=exclude, fallback=m.fallback)
     else:
         answers = router.answer(prompts, routes, top_k=m.top_k, mode=m.mode, max_new_tokens=t.max_new_tokens,
-                                batch_size=batch_size, exclude=exclude)
-        texts, experts = [a.text.strip() for a in answers], [a.experts for a in answers]
+                                batch_size=batch_size, exclude=exclude, fallback=m.fallback)
+        texts = [a.text.strip() for a in answers]
     recs = []
-    for i, ex, text, exp in zip(rows, chunk, texts, experts):
-        recs.append({"method": m.name, "task": t.name, "source": t.source(i), "id": ex.id, "prediction": text,
-                     "references": ex.references[:5],
-                     "scores": {k: METRICS[k](text, ex.references) for k in t.metrics},
-                     "experts": {k: round(float(v), 4) for k, v in exp.items()}})
+    for i, ex, text, a in zip(rows, chunk, texts, answers):
+        rec = {"method": m.name, "task": t.name, "source": t.source(i), "id": ex.id, "prediction": text,
+               "references": ex.references[:5], "scores": {k: METRICS[k](text, ex.references) for k in t.metrics},
+               "experts": {k: round(float(v), 4) for k, v in (a.experts if a else {}).items()}}
+        if a is not None and a.abstention is not None:
+            rec["abstention"] = a.abstention.as_dict()
+        recs.append(rec)
     return recs
 
 

@@ -298,7 +298,10 @@ def _wal_is_empty(catalog: Path) -> bool:
 
 
 class Library:
-    def __init__(self, path: str | Path | None = None, *, limits: Limits = Limits(), auto_gc: bool = True):
+    def __init__(self, path: str | Path | None = None, *, limits: Limits = Limits(), auto_gc: bool = True,
+                 read_only: bool = False):
+        """read_only: only read, even where this process may write (a Ray worker: the catalog keeps
+        one writer, the driver); derived data is then computed again rather than cached."""
         if path is None:  # base.home(), without importing torch (keeps `library list` fast)
             path = Path(os.environ.get("MODULORA_HOME") or Path.home() / ".modulora") / "library"
         self.root = Path(path).expanduser()
@@ -306,12 +309,16 @@ class Library:
         self.catalog = self.root / "catalog.sqlite"
         self._lock_path = self.root / "lock"
         if not self.root.exists():
+            if read_only:
+                raise LibraryError(f"there is no library at {self.root}")
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise LibraryError(f"cannot create the library at {self.root}: {e}") from e
         self._read_only = _why_read_only(self.root, [self.root, self.root / "objects", self.root / "tmp",
                                                      self.catalog, self._lock_path])
+        if self._read_only is None and read_only:
+            self._read_only = OSError(errno.EPERM, "opened read-only", str(self.root))
         self._store = _FileStore(self.root, create=not self.read_only)
         if self.read_only:
             self._open_read_only()
@@ -377,7 +384,7 @@ class Library:
         why = self._read_only
         if why is not None:
             reason = ("a read-only file system" if why.errno == errno.EROFS
-                      else f"no write permission on {why.filename}")
+                      else f"no write permission on {why.filename}" if why.errno == errno.EACCES else why.strerror)
             raise LibraryError(f"cannot {op}: the library at {self.root} is read-only ({reason})") from why
 
     def _disk_problem(self) -> OSError | None:

@@ -64,3 +64,14 @@ def random_library(random_lora):
         return lib
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small batches on a busy 2-core machine: one intra-op thread is many times faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

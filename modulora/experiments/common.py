@@ -19,9 +19,8 @@ from ..evaluate import paired_difference
 from ..report import write_text_atomic
 from ..train import TrainConfig
 
-# Experiment 2-4's library: 16 short-answer SNI tasks (country facts, lexical relations, arithmetic,
-# classification, extraction, QA), and 8 held-out tasks that no library expert sees, each with a
-# relative in the library (another country fact, a lexical relation, an extraction, ...).
+# The SNI library: short-answer tasks (country facts, lexical relations, arithmetic, classification,
+# extraction, QA, story understanding). Experiments 3-4 use the first 16; experiment 2 all 48.
 LIBRARY_TASKS = [
     "task1146_country_capital", "task1314_country_abbreviation", "task1317_country_calling_code",
     "task1320_country_domain_tld", "task1508_wordnet_antonyms", "task094_conala_calculate_mean",
@@ -30,12 +29,35 @@ LIBRARY_TASKS = [
     "task1452_location_entity_extraction_btc_corpus", "task033_winogrande_answer_generation",
     "task591_sciq_answer_generation", "task1413_dart_object_identification",
     "task922_event2mind_word_generation", "task898_freebase_qa_answer_generation",
+    # experiment 2's larger library adds these 32
+    "task1319_country_by_barcode_prefix", "task1448_disease_entity_extraction_ncbi_dataset",
+    "task1451_drug_dose_extraction", "task1480_gene_extraction_jnlpba_dataset",
+    "task143_odd-man-out_classification_generate_category", "task1327_qa_zre_answer_generation_from_question",
+    "task1342_amazon_us_reviews_title", "task1504_hatexplain_answer_generation", "task1518_limit_answer_generation",
+    "task151_tomqa_find_location_easy_clean", "task1581_eqasc-perturbed_answer_generation",
+    "task1596_event2mind_text_generation_2", "task1601_webquestions_answer_generation",
+    "task179_participant_extraction", "task217_rocstories_ordering_answer_generation",
+    "task219_rocstories_title_answer_generation", "task222_rocstories_two_chioce_slotting_classification",
+    "task227_clariq_classification", "task292_storycommonsense_character_text_generation",
+    "task293_storycommonsense_emotion_text_generation", "task300_storycloze_order_generation",
+    "task344_hybridqa_answer_generation", "task361_spolin_yesand_prompt_response_classification",
+    "task388_torque_token_classification", "task444_com_qa_question_paraphrases_answer_generation",
+    "task471_haspart_answer_generation", "task582_naturalquestion_answer_generation",
+    "task615_moviesqa_answer_generation", "task820_protoqa_answer_generation",
+    "task835_mathdataset_answer_generation", "task863_asdiv_multiop_question_answering",
+    "task900_freebase_qa_category_classification",
 ]
+# Held-out tasks that no library expert sees, each with a relative in the library (another country
+# fact, a lexical relation, an extraction, ...). Experiment 2 uses all 16 (the first 8 as before).
 HELD_OUT_TASKS = [
     "task1425_country_iso_numeric", "task1582_bless_hypernym_generation",
     "task862_asdiv_multidiv_question_answering", "task1411_dart_subject_identification",
     "task1479_organization_entity_extraction_btc_corpus", "task1483_chemical_extraction_chemprot_dataset",
     "task924_event2mind_word_generation", "task1293_kilt_tasks_hotpotqa_question_answering",
+    "task1426_country_independence_year", "task1481_gene_extraction_bc2gm_dataset",
+    "task867_mawps_multiop_question_answering", "task294_storycommonsense_motiv_text_generation",
+    "task899_freebase_qa_topic_generation", "task1485_organ_extraction_anem_dataset",
+    "task382_hybridqa_answer_generation", "task181_outcome_extraction",
 ]
 HOLDOUT = 0.1  # share of every SNI task kept out of training; evaluation draws from it
 
@@ -44,11 +66,15 @@ HOLDOUT = 0.1  # share of every SNI task kept out of training; evaluation draws 
 class Settings:
     """Sizes of one mode; `quick` runs the whole pipeline on the tiny model in about a minute."""
     base: str | None          # None: the bundled SmolLM2-135M-Instruct
-    library_tasks: int
+    library_tasks: int        # experiments 3-4's library
     held_out_tasks: int
-    steps: int                # training steps of each SNI expert
-    mbc_steps: int            # steps of each MBC cluster adapter
+    steps: int                # training steps of each SNI expert (experiments 3-4)
+    zs_library_tasks: int     # experiment 2's library, trained longer
+    zs_held_out_tasks: int
+    zs_steps: int
+    mbc_steps: int            # steps of each MBC cluster adapter (experiment 2)
     clusters: int
+    general_steps: int        # experiment 2: the general-knowledge LoRA that GenKnowSub subtracts
     batch_size: int
     max_length: int
     n_eval: int               # evaluation examples per held-out task (experiment 2)
@@ -65,10 +91,12 @@ class Settings:
                            max_length=max_length or self.max_length, holdout=HOLDOUT, seed=0, max_samples=50)
 
 
-QUICK = Settings(base="tiny", library_tasks=4, held_out_tasks=2, steps=3, mbc_steps=3, clusters=2, batch_size=4,
+QUICK = Settings(base="tiny", library_tasks=4, held_out_tasks=2, steps=3, zs_library_tasks=4, zs_held_out_tasks=2,
+                 zs_steps=3, mbc_steps=3, clusters=2, general_steps=3, batch_size=4,
                  max_length=96, n_eval=6, n_mixed=4, continual_tasks=3, family_steps=2, family_per_source=8,
                  family_n_eval=4, family_max_length=128, math_new_tokens=8)
-FULL = Settings(base=None, library_tasks=16, held_out_tasks=8, steps=40, mbc_steps=80, clusters=4, batch_size=8,
+FULL = Settings(base=None, library_tasks=16, held_out_tasks=8, steps=40, zs_library_tasks=48, zs_held_out_tasks=16,
+                zs_steps=120, mbc_steps=240, clusters=8, general_steps=240, batch_size=8,
                 max_length=160, n_eval=50, n_mixed=25, continual_tasks=5, family_steps=100, family_per_source=1000,
                 family_n_eval=200, family_max_length=320, math_new_tokens=192)
 
@@ -127,27 +155,32 @@ def make_context(name: str, data: str | None, work: str | None, results: str | N
                    results=results_dir, command="modulora " + " ".join(argv), device=device, dtype=dtype)
 
 
-def sni_task_names(ctx: Context) -> tuple[list[str], list[str]]:
+def sni_task_names(ctx: Context, zeroshot: bool = False) -> tuple[list[str], list[str]]:
+    """(library tasks, held-out tasks): experiment 2's larger set when `zeroshot`."""
     s = ctx.settings
+    if zeroshot:
+        return LIBRARY_TASKS[: s.zs_library_tasks], HELD_OUT_TASKS[: s.zs_held_out_tasks]
     return LIBRARY_TASKS[: s.library_tasks], HELD_OUT_TASKS[: s.held_out_tasks]
 
 
-def sni_library(ctx: Context, progress: bool = True) -> tuple[Path, Path]:
+def sni_library(ctx: Context, progress: bool = True, zeroshot: bool = False) -> tuple[Path, Path]:
     """The private library of SNI experts (one LoRA per library task), built once and shared by
-    experiments 2-4: (library folder, build folder with `adapters/<task>`)."""
+    experiments 3-4 (experiment 2 builds its larger one): (library folder, build folder with
+    `adapters/<task>`)."""
     from ..build import build_library
     from ..library import Library
 
-    names, _ = sni_task_names(ctx)
-    files = ctx.work / "sni-tasks"
+    names, _ = sni_task_names(ctx, zeroshot)
+    steps = ctx.settings.zs_steps if zeroshot else ctx.settings.steps
+    files = ctx.work / f"sni-tasks-{len(names)}"
     files.mkdir(exist_ok=True)
     for n in names:
         link = files / f"{n}.json"
         if not link.exists():
             link.symlink_to(ctx.sni(n).resolve())
-    build = ctx.work / "sni-private"
-    lib = ctx.work / "lib-private"
-    build_library(ctx.base, files, build, Library(lib), mode="private", train=ctx.train_config(),
+    tag = f"{len(names)}x{steps}"
+    build, lib = ctx.work / f"sni-private-{tag}", ctx.work / f"lib-private-{tag}"
+    build_library(ctx.base, files, build, Library(lib), mode="private", train=ctx.train_config(steps),
                   adapter=AdapterConfig(), progress=progress)
     return lib, build
 

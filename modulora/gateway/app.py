@@ -26,7 +26,7 @@ _log = logging.getLogger("modulora.gateway")
 ARROW_REFUSED = ("per-token Arrow routing needs modulora's own engine: use `modulora serve` (the gateway turns "
                  "a route into one LoRA for the upstream, and Arrow picks experts per token and layer)")
 # modulora's extension fields: read here, never forwarded (vLLM does not know them)
-EXTENSIONS = ("adapter_weights", "route_top_k", "mode", "token_routing")
+EXTENSIONS = ("adapter_weights", "route_top_k", "mode", "token_routing", "fallback")
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -112,17 +112,24 @@ class Gateway:
         self.base_model = bases[0] if bases else (listed[0].get("root") or listed[0]["id"]) if listed else None
         return listed
 
-    def resolve(self, spec: str, texts: list[str] | None, top_k: int) -> dict[str, float] | None:
-        """The request's route as {name: weight} (None: the base alone), checked for the upstream."""
-        if spec == "arrow":
-            raise GatewayError(400, ARROW_REFUSED, code="needs_modulora_engine", param="model")
+    def resolve(self, spec: str, texts: list[str] | None, top_k: int, fallback=None
+                ) -> tuple[dict[str, float] | None, dict | None]:
+        """The request's route as {name: weight} (None: the base alone), checked for the upstream,
+        and the abstention's decision (with a fallback)."""
+        if spec == "arrow" or fallback == "arrow":
+            raise GatewayError(400, ARROW_REFUSED, code="needs_modulora_engine",
+                               param="model" if spec == "arrow" else "fallback")
+        if fallback is not None and spec not in ("retrieval", "learned"):
+            raise GatewayError(400, f"fallback applies to the retrieval and learned routes, not to {spec!r}",
+                               param="fallback")
         if spec in ("retrieval", "learned") and texts is None:
             raise GatewayError(400, f"{spec} routing reads the prompt's text; this prompt is token ids",
                                param="prompt")
         texts = texts or [""]
         try:
             with self._route_lock:
-                routes = self.router.resolve(texts, [spec] * len(texts), top_k=top_k)
+                routes, decisions = self.router.resolve_traced(texts, [spec] * len(texts), top_k=top_k,
+                                                               fallback=fallback)
         except RoutingError as e:
             status = 404 if str(e).startswith("unknown adapter") else 400
             raise GatewayError(status, str(e), param="model",
@@ -139,7 +146,7 @@ class Gateway:
             if types.get(name) != "lora":
                 raise GatewayError(400, f"adapter {name} is a {types.get(name)} adapter; a vLLM upstream serves LoRA "
                                         "adapters only: use `modulora serve` for it", param="model")
-        return route
+        return route, decisions[0].as_dict() if decisions[0] is not None else None
 
     async def prepare(self, route: dict[str, float]) -> tuple[str, dict]:
         """(upstream name, versions used) for the route's LoRA, loaded on the upstream and
@@ -224,7 +231,9 @@ def create_gateway(library, upstream: str, adapter_dir: str | Path, *, upstream_
         if body.get("token_routing"):
             raise GatewayError(400, "token_routing needs modulora's own engine: use `modulora serve`",
                                param="token_routing")
-        route = await asyncio.to_thread(gw.resolve, spec, routing_texts(path, body), route_top_k(body, spec))
+        route, decision = await asyncio.to_thread(gw.resolve, spec, routing_texts(path, body),
+                                                  route_top_k(body, spec), body.get("fallback"))
+        said = {"abstention": decision} if decision else {}
         mode = body.get("mode", "mixture")
         if mode not in ("mixture", "average"):
             raise GatewayError(400, f"mode must be 'mixture' or 'average', got {mode!r}", param="mode")
@@ -237,10 +246,10 @@ def create_gateway(library, upstream: str, adapter_dir: str | Path, *, upstream_
             if gw.base_model is None:
                 await gw.models()
             body["model"] = gw.base_model
-            return await send(gw, path, body, requested, None, {"experts": {}, "versions": {}})
+            return await send(gw, path, body, requested, None, {"experts": {}, "versions": {}, **said})
         name, versions = await gw.prepare(route)
         body["model"] = name
-        return await send(gw, path, body, requested, name, {"experts": route, "versions": versions})
+        return await send(gw, path, body, requested, name, {"experts": route, "versions": versions, **said})
 
     async def send(gw: Gateway, path: str, body: dict, requested, name: str | None, trace: dict):
         """Forward the body; the slot `name` is released when the answer is done (streams: at

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 
+from .abstain import Decision, check_fallback, decide
 from .arrow import Arrow
 from .batch import generate_routed
 from .requests import Answer, EngineRequest, SamplingParams
@@ -119,8 +120,18 @@ class Router:
         return {n: self._family[ids[n]] for n in names}
 
     def resolve(self, prompts: list[str], routes: list[str], top_k: int = 1,
-                exclude: list[list[str]] | None = None) -> list[dict[str, float] | Arrow | None]:
+                exclude: list[list[str]] | None = None, fallback: str | None = None
+                ) -> list[dict[str, float] | Arrow | None]:
         """One route object per prompt (see the module docstring), checked before any compute."""
+        return self.resolve_traced(prompts, routes, top_k, exclude, fallback)[0]
+
+    def resolve_traced(self, prompts: list[str], routes: list[str], top_k: int = 1,
+                       exclude: list[list[str]] | None = None, fallback: str | None = None
+                       ) -> tuple[list, list[Decision | None]]:
+        """`resolve`'s routes, and per prompt the abstention's Decision (retrieval and learned
+        routes when `fallback` names a policy for requests no expert fits; else None)."""
+        check_fallback(fallback)
+        decisions: list[Decision | None] = [None] * len(prompts)
         if len(routes) != len(prompts):
             raise RoutingError(f"{len(prompts)} prompts but {len(routes)} routes")
         types = self.adapter_types()
@@ -140,7 +151,7 @@ class Router:
                 raise RoutingError(f"unknown adapter {unknown[0]!r}; the library has: {have}")
             out[i] = route
         if not by_policy:
-            return out
+            return out, decisions
         names = self.lora_names()
         if any(p != "uniform" for p in by_policy) and not 1 <= top_k <= len(names):
             raise RoutingError(f"top_k={top_k} but the library has {len(names)} LoRA adapter(s)")
@@ -153,9 +164,23 @@ class Router:
             if idx:
                 texts = [prompts[i] for i in idx]
                 ex = [exclude[i] for i in idx] if exclude else None
-                for i, route in zip(idx, self._sequence_router(policy).route(texts, top_k=top_k, exclude=ex)):
-                    out[i] = route
-        return out
+                router = self._sequence_router(policy)
+                chosen, best = router.route_scored(texts, top_k=top_k, exclude=ex)
+                said = decide(policy, router.abstention(), best, fallback) if fallback else [None] * len(idx)
+                for i, route, d in zip(idx, chosen, said):
+                    out[i], decisions[i] = route, d
+                    if d is not None and d.abstained:
+                        out[i] = self._fallback_route(d.fallback, names, top_k)
+        return out, decisions
+
+    @staticmethod
+    def _fallback_route(fallback: str, names: list[str], top_k: int):
+        """The route of a request that abstained: the base, the uniform mixture, or Arrow."""
+        if fallback == "base":
+            return None
+        if fallback == "uniform":
+            return {n: 1.0 / len(names) for n in names}
+        return Arrow(top_k=top_k)
 
     def _sequence_router(self, policy: str):
         if policy == "retrieval":
@@ -172,17 +197,22 @@ class Router:
 
     def answer(self, prompts: list[str], routes: list[str], top_k: int = 1, mode: str = "mixture",
                max_new_tokens: int = 64, explain: bool = False, batch_size: int = 16,
-               exclude: list[list[str]] | None = None, sampling: SamplingParams | None = None) -> list[Answer]:
+               exclude: list[list[str]] | None = None, sampling: SamplingParams | None = None,
+               fallback: str | None = None) -> list[Answer]:
         """Answers for mixed requests, each with its own route, in shared batched passes; greedy
-        unless `sampling` (whose max_tokens then counts) says otherwise."""
-        resolved = self.resolve(prompts, routes, top_k, exclude)
+        unless `sampling` (whose max_tokens then counts) says otherwise. With `fallback`, retrieval
+        and learned routes abstain under their threshold (Answer.abstention says what happened)."""
+        resolved, decisions = self.resolve_traced(prompts, routes, top_k, exclude, fallback)
         params = sampling if sampling is not None else SamplingParams(max_tokens=max_new_tokens)
         requests = [EngineRequest(p, r, mode=mode, params=params) for p, r in zip(prompts, resolved)]
         others, uses_lora = self.family_for(resolved)
         eng = self.engine()
         try:
-            return generate_routed(self.base, self.experts() if uses_lora else None, requests, batch_size=batch_size,
-                                   explain=explain, others=others, engine=eng)
+            answers = generate_routed(self.base, self.experts() if uses_lora else None, requests,
+                                      batch_size=batch_size, explain=explain, others=others, engine=eng)
+            for a, d in zip(answers, decisions):
+                a.abstention = d
+            return answers
         finally:
             eng.release()  # leave the model as found: the next user may attach an adapter to it
 
@@ -193,10 +223,12 @@ def top_expert(answer: Answer) -> str | None:
 
 
 def explain_lines(answer: Answer, per_layer: bool = False) -> list[str]:
-    """Human-readable routing of one answer: experts by weight, and (Arrow) per layer."""
+    """Human-readable routing of one answer: the abstention's decision, experts by weight, and
+    (Arrow) per layer."""
+    said = [answer.abstention.line()] if answer.abstention is not None else []
     if not answer.experts:
-        return ["  base model only"]
-    lines = ["  " + ", ".join(f"{n} {w:.2f}" for n, w in sorted(answer.experts.items(), key=lambda kv: -kv[1]))]
+        return said + ["  base model only"]
+    lines = said + ["  " + ", ".join(f"{n} {w:.2f}" for n, w in sorted(answer.experts.items(), key=lambda kv: -kv[1]))]
     if per_layer and answer.per_layer:
         layers: dict[str, dict[str, float]] = {}
         modules: dict[str, int] = {}

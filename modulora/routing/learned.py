@@ -8,6 +8,9 @@ trained on a memory of a few examples per task, predicting which adapter a reque
 
 The network is one hidden layer (hidden=0: linear) over the embedder's unit vectors, trained with
 class-balanced cross-entropy; a route is the softmax over the adapters, top-k, renormalised.
+Training also fits the abstention threshold on the best adapter's probability (abstain.py): a
+second network trained without every fifth memory example scores those as in-domain requests,
+and, with their own adapter left out of the softmax, as out-of-domain ones.
 Training is deterministic for a seed (own generator for initialisation and shuffling, full
 determinism of CPU matmuls assumed).
 
@@ -21,6 +24,7 @@ and asks to retrain.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -31,11 +35,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..library import LIBRARY_SCOPE
+from .abstain import DEFAULT_MAX_IN_DOMAIN, Abstention, fit
 from .embed import default_embedder, embedder_for_id
-from .retrieval import RoutingError, adapter_texts, candidate_mask, check_texts, check_top_k, top_k_weights
-
-ROUTER_OBJECT = f"{LIBRARY_SCOPE}router"  # derived-data key for library-wide routers
+from .retrieval import (ROUTER_OBJECT, RoutingError, adapter_texts, best_allowed, candidate_mask, check_texts,
+                        check_top_k, top_k_weights)
 FORMAT = "modulora-l2r-v1"
 RETRAIN = "retrain it: modulora router train"
 
@@ -98,28 +101,45 @@ class LearnedRouter:
               exclude: list[str] | list[list[str]] | None = None) -> list[dict[str, float]]:
         """One {adapter name: weight} per text: the router's softmax over its adapters, top_k,
         renormalised. `names` / `exclude` restrict the candidates as in RetrievalRouter.route."""
+        return self.route_scored(texts, top_k, names=names, exclude=exclude)[0]
+
+    def route_scored(self, texts: list[str], top_k: int = 1, names=None, exclude=None
+                     ) -> tuple[list[dict[str, float]], list[tuple[str, float]]]:
+        """`route`'s routes, and per text its best allowed adapter with its probability (the
+        softmax over the allowed adapters)."""
         texts = check_texts(texts)
         top_k = check_top_k(top_k)
         mask = candidate_mask(self.names, len(texts), names, exclude)
         if self.library is not None:
-            heads = self.library.latest_object_ids()
-            present = torch.tensor([n in heads for n in self.names], dtype=torch.bool)
-            if not present.any():
-                raise RoutingError(f"none of the adapters this router was trained for is in the library; {RETRAIN}")
-            mask &= present
-            if heads != self._seen:  # the library changed: say once which adapters it cannot pick
-                self._seen = heads
-                new = [n for n in self.unknown_adapters() if n not in self._told]
-                if new:
-                    self._told.update(new)
-                    shown = ", ".join(new[:5]) + (", ..." if len(new) > 5 else "")
-                    _notice(f"the learned router does not know {len(new)} adapter(s) of the library ({shown}) "
-                            f"and will not pick them; {RETRAIN}")
+            mask &= self._present()
         if not texts:
-            return []
+            return [], []
         if top_k > len(self.names):
             raise RoutingError(f"top_k={top_k} but the router knows only {len(self.names)} adapter(s)")
-        return top_k_weights(self.logits(texts).float(), mask, self.names, top_k, "softmax", 1.0)
+        logits = self.logits(texts).float()
+        probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+        return top_k_weights(logits, mask, self.names, top_k, "softmax", 1.0), best_allowed(probs, mask, self.names)
+
+    def _present(self) -> torch.Tensor:
+        """Which of its adapters the library still holds; says once which new ones it cannot pick."""
+        heads = self.library.latest_object_ids()
+        present = torch.tensor([n in heads for n in self.names], dtype=torch.bool)
+        if not present.any():
+            raise RoutingError(f"none of the adapters this router was trained for is in the library; {RETRAIN}")
+        if heads != self._seen:  # the library changed: say once which adapters it cannot pick
+            self._seen = heads
+            new = [n for n in self.unknown_adapters() if n not in self._told]
+            if new:
+                self._told.update(new)
+                shown = ", ".join(new[:5]) + (", ..." if len(new) > 5 else "")
+                _notice(f"the learned router does not know {len(new)} adapter(s) of the library ({shown}) "
+                        f"and will not pick them; {RETRAIN}")
+        return present
+
+    def abstention(self) -> Abstention | None:
+        """The threshold fitted when it was trained (None for routers saved before abstention)."""
+        a = self.info.get("abstention")
+        return Abstention(**a) if a else None
 
     # -- persistence: one safetensors blob in the library's derived table ------------------------
 
@@ -188,9 +208,11 @@ def build_memory(library, memory_per_task: int = 50, extra_memory: dict[str, lis
 def train_router(library, embedder=None, memory_per_task: int = 50, epochs: int = 100, seed: int = 0,
                  extra_memory: dict[str, list[str]] | None = None, hidden: int = 128, lr: float = 3e-3,
                  weight_decay: float = 1e-4, batch_size: int = 64,
-                 types: tuple[str, ...] | None = ("lora",)) -> LearnedRouter:
+                 types: tuple[str, ...] | None = ("lora",),
+                 max_in_domain: float = DEFAULT_MAX_IN_DOMAIN) -> LearnedRouter:
     """Train a router over every adapter of the library (latest versions) on a small memory of
-    examples per adapter (see build_memory). Deterministic for a seed. Not saved: call .save()."""
+    examples per adapter (see build_memory), and fit its abstention threshold. Deterministic for
+    a seed. Not saved: call .save()."""
     embedder = embedder if embedder is not None else default_embedder()
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise RoutingError(f"epochs must be an integer >= 1, got {epochs!r}")
@@ -199,11 +221,34 @@ def train_router(library, embedder=None, memory_per_task: int = 50, epochs: int 
     texts = [t for n in names for t in memory[n]]
     labels = torch.tensor([c for c, n in enumerate(names) for _ in memory[n]])
     x = embedder.encode(texts).float()
-    counts = torch.bincount(labels, minlength=len(names)).float()
-    class_weight = counts.sum() / (len(names) * counts)  # every task counts the same
+    settings = dict(hidden=hidden, lr=lr, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs, seed=seed)
+    net = _fit_network(x, labels, len(names), **settings)
+    abstention = _calibrate(x, labels, len(names), max_in_domain, settings)
+    with torch.no_grad():
+        logits = net(x)
+        final_loss = float(nn.functional.cross_entropy(logits, labels, weight=_class_weight(labels, len(names))))
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+    info = {"dim": int(x.shape[1]), "hidden": hidden, "seed": seed, "epochs": epochs, "lr": lr,
+            "weight_decay": weight_decay, "batch_size": batch_size, "memory_per_task": memory_per_task,
+            "types": list(types) if types is not None else None,
+            "memory": {n: len(memory[n]) for n in names}, "train_loss": round(final_loss, 6),
+            "train_accuracy": round(accuracy, 6),
+            "abstention": None if abstention is None else dataclasses.asdict(abstention),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return LearnedRouter(names=names, object_ids=[ids[n] for n in names], embedder=embedder, net=net,
+                         info=info, library=library)
 
+
+def _class_weight(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=classes).float()
+    return counts.sum() / (classes * counts.clamp(min=1))  # every task counts the same
+
+
+def _fit_network(x: torch.Tensor, labels: torch.Tensor, classes: int, hidden: int, lr: float, weight_decay: float,
+                 batch_size: int, epochs: int, seed: int) -> nn.Sequential:
+    """The classifier trained with class-balanced cross-entropy, deterministic for a seed."""
     gen = torch.Generator().manual_seed(seed)
-    net = _network(x.shape[1], len(names), hidden)
+    net = _network(x.shape[1], classes, hidden)
     with torch.no_grad():
         for layer in net:
             if isinstance(layer, nn.Linear):
@@ -211,7 +256,7 @@ def train_router(library, embedder=None, memory_per_task: int = 50, epochs: int 
                 layer.weight.uniform_(-bound, bound, generator=gen)
                 layer.bias.zero_()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+    loss_fn = nn.CrossEntropyLoss(weight=_class_weight(labels, classes))
     net.train()
     with torch.enable_grad(), _one_thread():
         for _ in range(epochs):
@@ -222,19 +267,27 @@ def train_router(library, embedder=None, memory_per_task: int = 50, epochs: int 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-    net.eval()
+    return net.eval()
+
+
+def _calibrate(x: torch.Tensor, labels: torch.Tensor, classes: int, max_in_domain: float,
+               settings: dict) -> Abstention | None:
+    """The abstention threshold from a network trained without every fifth example of each
+    adapter (None when no adapter has two examples or the router knows one adapter only)."""
+    rank = torch.zeros_like(labels)
+    for c in range(classes):
+        where = (labels == c).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    held = (rank % 5 == 4) | ((rank == 1) & (torch.bincount(labels, minlength=classes)[labels] < 5))
+    if classes < 2 or not held.any():
+        return None
+    net = _fit_network(x[~held], labels[~held], classes, **settings)
     with torch.no_grad():
-        logits = net(x)
-        final_loss = float(loss_fn(logits, labels))
-        accuracy = float((logits.argmax(1) == labels).float().mean())
-    info = {"dim": int(x.shape[1]), "hidden": hidden, "seed": seed, "epochs": epochs, "lr": lr,
-            "weight_decay": weight_decay, "batch_size": batch_size, "memory_per_task": memory_per_task,
-            "types": list(types) if types is not None else None,
-            "memory": {n: len(memory[n]) for n in names}, "train_loss": round(final_loss, 6),
-            "train_accuracy": round(accuracy, 6),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    return LearnedRouter(names=names, object_ids=[ids[n] for n in names], embedder=embedder, net=net,
-                         info=info, library=library)
+        logits = net(x[held])
+    own = labels[held][:, None]
+    in_domain = torch.softmax(logits, 1).max(1).values
+    out_of_domain = torch.softmax(logits.scatter(1, own, float("-inf")), 1).max(1).values
+    return fit("learned", "probability", in_domain, out_of_domain, classes, max_in_domain)
 
 
 __all__ = ["LearnedRouter", "train_router", "build_memory", "ROUTER_OBJECT"]

@@ -14,6 +14,11 @@ Every method works module by module and returns the same thing, a `MergedLora`:
 
 The merged adapter stores every scale in B and has lora_alpha == r (scaling 1). Its card records
 `merged_from` (names and weights) and `merge` (method and settings).
+
+`subtract_general` is GenKnowSub (Bhardwaj et al. 2025): each task expert minus the average of one
+or more general-knowledge LoRAs, factor by factor (A_e - mean A_g, s_e B_e - mean s_g B_g), which is
+what PEFT's `ArrowConfig(use_gks=True)` does before Arrow routes (the same numbers whenever the
+scalings are equal). The "purified" experts go to a library of their own that Arrow routes over.
 """
 
 from __future__ import annotations
@@ -289,6 +294,34 @@ def merge(method: str, experts, weights=None, *, rank: int | None = None, densit
     raise MergeError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
 
 
+def subtract_general(experts, general) -> list[MergedLora]:
+    """GenKnowSub: every expert minus the average general LoRA, A and (scaled) B separately. Each
+    expert must adapt the same modules at the same ranks as the general ones (as in PEFT)."""
+    general = _prepare(general)
+    names = {g.name for g in general}
+    out = []
+    for e in (load_lora(x) for x in experts):
+        if e.name in names:
+            continue  # the general knowledge itself is not a task expert
+        _prepare([general[0], e])
+        A, B = {}, {}
+        for m in e.A:
+            if e.A[m].shape != general[0].A[m].shape:
+                raise MergeError(f"adapter {e.name} has rank {e.A[m].shape[0]} at {m} and the general adapter "
+                                 f"{general[0].name} rank {general[0].A[m].shape[0]}; GenKnowSub needs equal ranks")
+            A[m] = (e.A[m].double() - torch.stack([g.A[m].double() for g in general]).mean(0)).float()
+            gB = torch.stack([g.B[m].double() * g.scaling for g in general]).mean(0)
+            B[m] = (e.B[m].double() * e.scaling - gB).float()
+        merged = _result("gks", [e], [1.0], A, B, {"general": [g.name for g in general]})
+        merged.card.update(name=e.name, task=(e.card or {}).get("task", ""),
+                           description=f"GenKnowSub: {e.name} minus the general knowledge of "
+                                       f"{', '.join(g.name for g in general)}")
+        out.append(merged)
+    if not out:
+        raise MergeError("no task experts left once the general adapters are set aside")
+    return out
+
+
 def _short(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
@@ -365,17 +398,44 @@ def cmd_merge(args) -> None:
     if len(names) < 2:
         raise MergeError("give at least two adapters to merge: --adapters a,b[,c...]")
     lib = Library(args.library)
-    experts = []
-    for ref in names:
-        name, _, version = ref.partition("@")
-        rec = lib.get(name, int(version) if version.isdigit() else None)
-        experts.append(load_lora(rec.path, name=rec.ref))
+    experts = [load_lora(rec.path, name=rec.ref) for rec in (lib.get(*_ref(ref)) for ref in names)]
     merged = merge(args.method, experts, _floats(args.weights, "--weights"), rank=args.rank, density=args.density)
     with tempfile.TemporaryDirectory(prefix="modulora-merge-") as tmp:
         path = save_merged(merged, Path(tmp) / args.name, card={"name": args.name})
         record = lib.add(args.name, path)
     print(f"merged {', '.join(e.name for e in experts)} ({merged.method}, rank {merged.r}) "
           f"into {record.name} v{record.version}")
+
+
+def cmd_gks(args) -> None:
+    from ..library import Library
+
+    src = Library(args.library)
+    if src.root.resolve() == Path(args.out_library).resolve():
+        raise MergeError("--out-library must be another library: Arrow would route over both the experts and "
+                         "their purified copies")
+    general = [src.get(*_ref(r)) for r in _names(args.general, "--general")]
+    chosen = ([src.get(*_ref(r)) for r in _names(args.adapters, "--adapters")] if args.adapters
+              else [r for r in src.list() if r.type == "lora"])
+    purified = subtract_general(chosen, general)  # every adapter checked before anything is written
+    dst = Library(args.out_library)
+    with tempfile.TemporaryDirectory(prefix="modulora-gks-") as tmp:
+        for merged in purified:
+            rec = dst.add(merged.card["name"], save_merged(merged, Path(tmp) / merged.card["name"]))
+            print(f"{rec.name} v{rec.version}: {merged.card['description']}")
+    print(f"{len(purified)} purified experts in {dst.root}; route over them with --library {dst.root}")
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise MergeError(f"{what} names no adapters")
+    return names
+
+
+def _ref(ref: str) -> tuple[str, int | None]:
+    name, _, version = ref.partition("@")
+    return name, int(version) if version.isdigit() else None
 
 
 def add_merge_command(subparsers) -> None:
@@ -390,8 +450,15 @@ def add_merge_command(subparsers) -> None:
     p.add_argument("--density", type=float, default=0.2, help="ties: share of each update's entries kept")
     p.add_argument("--name", required=True, help="library name of the merged adapter")
     p.set_defaults(func=cmd_merge)
+    g = subparsers.add_parser("gks", help="GenKnowSub: copy the library's LoRA experts, each minus a general-"
+                                          "knowledge LoRA, into another library for Arrow to route over")
+    g.add_argument("--general", required=True, help="comma list of general-knowledge LoRAs (their average is "
+                                                     "subtracted)")
+    g.add_argument("--adapters", default=None, help="comma list of experts (default: every other LoRA)")
+    g.add_argument("--out-library", required=True, help="the library the purified experts are added to")
+    g.set_defaults(func=cmd_gks)
 
 
 __all__ = ["LoraFactors", "MergedLora", "MergeError", "METHODS", "load_lora", "merge", "merge_concat",
-           "merge_linear", "merge_ties", "save_merged", "lowrank_svd", "ties_combine", "trim",
+           "merge_linear", "merge_ties", "save_merged", "subtract_general", "lowrank_svd", "ties_combine", "trim",
            "uniform_weights", "add_merge_command"]

@@ -183,6 +183,7 @@ class Answer:
     per_layer: dict[str, dict[str, float]] | None = None  # module -> expert -> mean weight (explain)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None: nothing predicts it
     versions: dict[str, int] | None = None  # expert -> library version that answered (set by the server)
+    abstention: object = None  # the abstention's Decision (abstain.py) for retrieval/learned with a fallback
 
     @property
     def text(self) -> str:

@@ -6,6 +6,9 @@ whose card has no samples uses its task description; one with neither is skipped
 embedded with the same embedder and routed to the top-k adapters by cosine similarity, with
 uniform weights (LoraRetriever's default) or a softmax over the similarities of those k.
 
+With a calibrated threshold (`calibrate`, see abstain.py) a request whose best similarity is
+under it abstains and is answered by a fallback policy instead (Router.resolve).
+
 The vectors are cached in the library (derived kind `retrieval:<embedder id>`, safetensors), so
 only adapters that lack one are embedded: a new adapter costs one `encode` call, not a rebuild.
 The router keeps them as one [N, d] matrix and, before each routing call, compares the library's
@@ -21,11 +24,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..library import LIBRARY_SCOPE
+from .abstain import DEFAULT_MAX_IN_DOMAIN, Abstention, fit
 from .embed import default_embedder
 from .experts import RoutingError, cache_derived
 
 KIND_PREFIX = "retrieval:"
 WEIGHTINGS = ("uniform", "softmax")
+ROUTER_OBJECT = f"{LIBRARY_SCOPE}router"  # library-wide router data: thresholds, the learned router
 
 
 def _notice(message: str) -> None:
@@ -206,6 +212,11 @@ class RetrievalRouter:
         summing to 1. `names` limits the candidates; `exclude` removes adapters, for every request
         (a list of names) or per request (one list per text), e.g. a request's own expert in
         out-of-domain evaluation. `temperature` only matters for weighting="softmax"."""
+        return self.route_scored(texts, top_k, weighting, temperature, exclude, names)[0]
+
+    def route_scored(self, texts: list[str], top_k: int = 1, weighting: str = "uniform", temperature: float = 0.1,
+                     exclude=None, names=None) -> tuple[list[dict[str, float]], list[tuple[str, float]]]:
+        """`route`'s routes, and per text its best allowed adapter with its similarity."""
         texts = check_texts(texts)
         top_k = check_top_k(top_k)
         self.refresh()
@@ -216,10 +227,53 @@ class RetrievalRouter:
                                   if self._heads else ""))
         mask = candidate_mask(self.names, len(texts), names, exclude)
         if not texts:
-            return []
+            return [], []
         if top_k > len(self.names):
             raise RoutingError(f"top_k={top_k} but the library has only {len(self.names)} routable adapter(s)")
-        return top_k_weights(self.scores(texts), mask, self.names, top_k, weighting, temperature)
+        scores = self.scores(texts)
+        return (top_k_weights(scores, mask, self.names, top_k, weighting, temperature),
+                best_allowed(scores, mask, self.names))
+
+    # -- abstention ----------------------------------------------------------------------------
+
+    def abstention(self) -> Abstention | None:
+        """The threshold fitted for this library and embedder, if any."""
+        blob = self.library.get_derived(ROUTER_OBJECT, f"abstain:{self.kind}")
+        return Abstention.from_json(blob) if blob is not None else None
+
+    def calibrate(self, max_in_domain: float = DEFAULT_MAX_IN_DOMAIN) -> Abstention:
+        """Fit the threshold on the adapters' card samples (see abstain.py) and store it."""
+        a = fit("retrieval", "cosine", *self.calibration_scores(), len(self.names), max_in_domain)
+        self.library.put_derived(ROUTER_OBJECT, f"abstain:{self.kind}", a.to_json().encode())
+        return a
+
+    def calibration_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best similarity of every card sample of adapters with two or more samples, as an
+        in-domain request (its own adapter's vector made without it) and as an out-of-domain one
+        (its own adapter left out)."""
+        self.refresh()
+        cards = {r.name: r.card for r in self.library.list() if r.name in set(self.names)}
+        texts, owner = [], []
+        for i, name in enumerate(self.names):
+            own = [t for t in ((cards.get(name) or {}).get("samples") or []) if isinstance(t, str) and t.strip()]
+            if len(own) >= 2:
+                texts += own
+                owner += [i] * len(own)
+        if not texts:
+            return torch.empty(0), torch.empty(0)
+        emb, owner = self.embedder.encode(texts).float(), torch.tensor(owner)
+        sums = torch.zeros(len(self.names), emb.shape[1]).index_add_(0, owner, emb)
+        loo = torch.nn.functional.normalize(sums[owner] - emb, dim=1)
+        own_score = (emb * loo).sum(1)
+        others = (emb @ self.matrix.T).scatter_(1, owner[:, None], float("-inf")).max(1).values
+        return torch.maximum(own_score, others), others
 
 
-__all__ = ["RetrievalRouter", "RoutingError", "adapter_texts", "candidate_mask", "top_k_weights", "KIND_PREFIX"]
+def best_allowed(scores: torch.Tensor, mask: torch.Tensor, names: list[str]) -> list[tuple[str, float]]:
+    """Per row of scores [B, N], the allowed entry with the highest score and that score."""
+    vals, idx = scores.double().masked_fill(~mask, float("-inf")).max(1)
+    return [(names[i], v) for i, v in zip(idx.tolist(), vals.tolist())]
+
+
+__all__ = ["RetrievalRouter", "RoutingError", "adapter_texts", "best_allowed", "candidate_mask", "top_k_weights",
+           "KIND_PREFIX"]

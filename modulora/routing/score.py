@@ -12,7 +12,8 @@ from .requests import EngineRequest, SamplingParams
 
 def continuation_logprobs(router, prompts: list[str], continuations: list[list[str]], routes: list[str],
                           top_k: int = 1, mode: str = "mixture", batch_size: int = 16,
-                          exclude: list[list[str]] | None = None) -> list[list[float]]:
+                          exclude: list[list[str]] | None = None, fallback: str | None = None
+                          ) -> list[list[float]]:
     """Per request, the summed log-probability of each continuation after the chat-rendered prompt:
     the engine's prompt log-probabilities (the numbers the server's `echo` + `logprobs` gives).
 
@@ -22,7 +23,7 @@ def continuation_logprobs(router, prompts: list[str], continuations: list[list[s
         raise RoutingError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
     if any(not c for c in continuations):
         raise RoutingError("every request needs at least one continuation to score")
-    resolved = router.resolve(prompts, routes, top_k, exclude)
+    resolved = router.resolve(prompts, routes, top_k, exclude, fallback)
     others, uses_lora = router.family_for(resolved)
     eng = router.engine()
     eng.use_experts(router.experts() if uses_lora else [], exclusive=True)

@@ -142,6 +142,7 @@ class _Body(BaseModel):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     token_routing: bool | None = False  # each generated token's experts (choices[i].token_routing)
+    fallback: Literal["base", "uniform", "arrow"] | None = None  # retrieval / learned: abstain to this
     # OpenAI's fields this server does not implement (see UNSUPPORTED for their no-op values)
     tools: Any = None
     tool_choice: Any = None

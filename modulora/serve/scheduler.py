@@ -42,6 +42,7 @@ class _Item:
     query: str
     route: str
     route_top_k: int = 1
+    fallback: str | None = None  # retrieval / learned: the policy a request no expert fits gets
     mode: str = "mixture"
     params: SamplingParams = field(default_factory=SamplingParams)
     content_span: tuple[int, int] | None = None
@@ -52,6 +53,7 @@ class _Item:
     token_routing: bool = False  # report each generated token's experts
     stopped: str | None = None  # set by the handler: "client_disconnect", "timeout" or "abandoned"
     resolved: Any = None  # the route object, set by the worker
+    decision: Any = None  # the abstention's Decision, set by the worker with `resolved`
     # name -> (version, object id) of every adapter the library held when the item arrived: the
     # versions it is answered with (set by `submit` unless given)
     pins: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -274,20 +276,25 @@ class Scheduler:
 
     def _resolve(self, items: list[_Item]) -> None:
         """Set each item's route object; an item whose route fails is answered 400 alone."""
-        by_k: dict[int, list[_Item]] = {}
+        by_k: dict[tuple, list[_Item]] = {}
         for it in items:
-            by_k.setdefault(it.route_top_k, []).append(it)
-        for k, group in by_k.items():
+            by_k.setdefault((it.route_top_k, it.fallback), []).append(it)
+        for group in by_k.values():
             try:
-                routes = self.router.resolve([it.query for it in group], [it.route for it in group], top_k=k)
-                for it, r in zip(group, routes):
-                    it.resolved = r
+                self._resolve_group(group)
             except RoutingError:  # find which ones fail, answer the rest
                 for it in group:
                     try:
-                        it.resolved = self.router.resolve([it.query], [it.route], top_k=k)[0]
+                        self._resolve_group([it])
                     except RoutingError as e:
                         self._fail(it, APIError(400, str(e), param="model"))
+
+    def _resolve_group(self, group: list[_Item]) -> None:
+        """Resolve items of one route_top_k and fallback together."""
+        routes, decisions = self.router.resolve_traced([it.query for it in group], [it.route for it in group],
+                                                       top_k=group[0].route_top_k, fallback=group[0].fallback)
+        for it, r, d in zip(group, routes, decisions):
+            it.resolved, it.decision = r, d
 
     def _needs(self, it: _Item) -> set[str]:
         """The LoRA experts an item's rows use."""
@@ -406,7 +413,7 @@ class Scheduler:
         if not isinstance(it.resolved, dict) or all(n in latest for n in it.resolved):
             return True
         try:
-            it.resolved = self.router.resolve([it.query], [it.route], top_k=it.route_top_k)[0]
+            self._resolve_group([it])
         except RoutingError as e:
             self._fail(it, APIError(400, str(e), param="model"))
             return False
@@ -442,6 +449,7 @@ class Scheduler:
             if all(r in ("stop", "length") for r in reasons):
                 self.metrics.finished(answer.completion_tokens)
                 answer.versions = self._versions(it, answer)
+                answer.abstention = it.decision
                 it.future.set_result(answer)
             else:
                 reason = next(r for r in reasons if r not in ("stop", "length"))

@@ -82,12 +82,16 @@ class Serving:
         log = request.state.log
         log.update(route=body.model if body.adapter_weights is None else "adapter_weights", stream=bool(body.stream))
         route = _route_of(body, await self.adapter_names())
+        if body.fallback is not None and route not in ("retrieval", "learned"):
+            raise APIError(400, f"fallback applies to the retrieval and learned routes, not to {route!r}",
+                           param="fallback")
         for p in prompts:
             self._check_ids(p.ids)
             self._check_length(len(p.ids), params.max_tokens)
         timeout = self.timeout_of(body)
         deadline = None if timeout is None else time.monotonic() + timeout
         items = [_Item(p.ids, p.query, route, route_top_k=body.route_top_k, mode=body.mode, params=params,
+                       fallback=body.fallback,
                        content_span=p.span, timeout=timeout, deadline=deadline, token_routing=bool(body.token_routing),
                        on_token=None if on_token is None else (lambda ev, i=i: on_token(i, ev)))
                  for i, p in enumerate(prompts)]
@@ -153,8 +157,12 @@ class Serving:
 
     @staticmethod
     def trace(index: int, a: Answer) -> dict:
-        """One choice's routing trace: expert weights, and the library version of each expert."""
-        return {"index": index, "experts": a.experts, "versions": a.versions or {}}
+        """One choice's routing trace: expert weights, the library version of each expert, and
+        (retrieval / learned with a fallback) the abstention's decision."""
+        trace = {"index": index, "experts": a.experts, "versions": a.versions or {}}
+        if a.abstention is not None:
+            trace["abstention"] = a.abstention.as_dict()
+        return trace
 
     def routing(self, answers: list[Answer], n: int) -> list[dict]:
         return [self.trace(i * n + s, a) for i, a in enumerate(answers) for s in range(n)]
