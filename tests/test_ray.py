@@ -9,6 +9,7 @@ stop` would stop every Ray cluster of this user on the machine).
 from __future__ import annotations
 
 import contextlib
+import json
 import importlib.util
 import os
 import shutil
@@ -258,3 +259,24 @@ def test_a_read_only_library_reads_but_never_writes(tmp_path, tiny, random_lora)
     with pytest.raises(LibraryError, match="no library"):
         Library(tmp_path / "none", read_only=True)
     assert not (tmp_path / "none").exists()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_an_experiment_on_ray_equals_the_local_one(cluster, tmp_path):
+    """`modulora experiment mixed --quick --ray`: the library built and the methods scored on the
+    cluster give the report's numbers a local run gives."""
+    from test_experiments import DATA
+
+    from modulora.cli import main
+
+    if not (DATA / "sni").is_dir():
+        pytest.skip(f"shared data folder not found at {DATA}")
+    scores = {}
+    for where, extra in (("local", []), ("ray", ["--ray", cluster[0]])):
+        with one_thread():
+            assert main(["experiment", "mixed", "--quick", "--data", str(DATA), "--work", str(tmp_path / where),
+                         "--no-progress", *extra]) == 0
+        scores[where] = json.loads((tmp_path / where / "quick" / "results" / "mixed" / "results.json").read_text())
+    assert scores["ray"]["scores"] == scores["local"]["scores"]
+    assert scores["ray"]["routing"] == scores["local"]["routing"]

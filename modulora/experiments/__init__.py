@@ -21,14 +21,20 @@ def cmd_experiment(args) -> None:
 
     from .common import make_context
 
+    from ..cli import ray_options
     from ..data import DataError
 
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     if args.domain and names != ["family"]:
         raise DataError("--domain applies to the family experiment only")
+    ray = ray_options(args)
+    if ray is not None:
+        from ..cluster import check
+
+        check(ray)  # before any model loads
     for name in names:
         ctx = make_context(name, args.data, args.work, args.results if len(names) == 1 else None, args.quick,
-                           sys.argv[1:] if args.argv is None else args.argv, args.device, args.dtype)
+                           sys.argv[1:] if args.argv is None else args.argv, args.device, args.dtype, ray)
         module = importlib.import_module(f".{name}", __name__)
         extra = {"domains": [args.domain]} if args.domain else {}
         module.run(ctx, progress=not args.no_progress, **extra)
@@ -47,7 +53,8 @@ def add_experiment_command(subparsers) -> None:
     p.add_argument("--domain", choices=["math", "commonsense"], default=None,
                    help="family only: run one domain (the report keeps the other's published results)")
     p.add_argument("--no-progress", action="store_true")
-    from ..cli import add_compute_args
+    from ..cli import add_compute_args, add_ray_args
 
     add_compute_args(p)
+    add_ray_args(p)
     p.set_defaults(func=cmd_experiment, argv=None)

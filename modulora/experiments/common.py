@@ -112,6 +112,7 @@ class Context:
     command: str
     device: str = "auto"      # where the base runs (modulora.compute)
     dtype: str = "auto"
+    ray: object = None        # RayOptions: library builds and evaluations run as Ray tasks
     _base: object = None
 
     @property
@@ -138,7 +139,7 @@ class Context:
 
 
 def make_context(name: str, data: str | None, work: str | None, results: str | None, quick: bool,
-                 argv: list[str], device: str = "auto", dtype: str = "auto") -> Context:
+                 argv: list[str], device: str = "auto", dtype: str = "auto", ray=None) -> Context:
     """Paths checked before anything runs; quick runs write their report into the work folder."""
     given = data or os.environ.get("MODULORA_DATA")
     if not given or not Path(given).is_dir():
@@ -152,7 +153,7 @@ def make_context(name: str, data: str | None, work: str | None, results: str | N
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     return Context(name=name, settings=QUICK if quick else FULL, quick=quick, data=data_dir, work=work_dir,
-                   results=results_dir, command="modulora " + " ".join(argv), device=device, dtype=dtype)
+                   results=results_dir, command="modulora " + " ".join(argv), device=device, dtype=dtype, ray=ray)
 
 
 def sni_task_names(ctx: Context, zeroshot: bool = False) -> tuple[list[str], list[str]]:
@@ -181,7 +182,7 @@ def sni_library(ctx: Context, progress: bool = True, zeroshot: bool = False) -> 
     tag = f"{len(names)}x{steps}"
     build, lib = ctx.work / f"sni-private-{tag}", ctx.work / f"lib-private-{tag}"
     build_library(ctx.base, files, build, Library(lib), mode="private", train=ctx.train_config(steps),
-                  adapter=AdapterConfig(), progress=progress)
+                  adapter=AdapterConfig(), progress=progress, ray=ctx.ray)
     return lib, build
 
 

@@ -36,7 +36,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
         methods = [Method(method_names[0], "learned", str(lib)), Method(method_names[1], "arrow", str(lib)),
                    Method(method_names[2], "retrieval", str(lib)), Method(method_names[3], "own", str(lib))]
         res = evaluate(ctx.base, [seen], methods, ctx.work / "eval-continual" / f"step-{step}", batch_size=16,
-                       progress=progress, plots=False)
+                       progress=progress, plots=False, ray=ctx.ray)
         for m in method_names:
             scores[m].append(by_source(res, m, seen.name))
         for m in first:

@@ -53,7 +53,7 @@ def run(ctx: Context, progress: bool = True, domains: list[str] | None = None) -
     for domain in domains:
         methods = [Method("base")] + [Method(label, f"{domain}-{kind}", str(lib)) for kind, label in TYPES.items()]
         evaluate(ctx.base, tests[domain], methods, ctx.work / f"eval-family-{domain}", batch_size=EVAL_BATCH,
-                 progress=progress)
+                 progress=progress, ray=ctx.ray)
         publish(ctx, ctx.work / f"eval-family-{domain}", {"results.json": f"{domain}-results.json",
                                                            "accuracy.png": f"{domain}.png"})
         run_info = {"command": ctx.command, "environment": environment(),

@@ -44,7 +44,7 @@ def mbc_library(ctx: Context, files: Path, private_build: Path, progress: bool) 
     lib, out = ctx.work / "lib-mbc", ctx.work / "sni-mbc"
     build_library(ctx.base, files, out, Library(lib), mode="mbc", clusters=s.clusters, steps=s.mbc_steps,
                   mbc_steps=s.zs_steps, train=ctx.train_config(s.zs_steps), adapter=AdapterConfig(),
-                  progress=progress, short_dir=private_build / "adapters")
+                  progress=progress, short_dir=private_build / "adapters", ray=ctx.ray)
     return lib, out
 
 
@@ -112,7 +112,8 @@ def run(ctx: Context, progress: bool = True) -> dict:
         Method("MBC + uniform", "uniform", str(mbc_lib)),
         Method("oracle", "own", str(oracle_lib)),
     ]
-    res = evaluate(ctx.base, tasks, methods, ctx.work / "eval-zeroshot", batch_size=16, progress=progress)
+    res = evaluate(ctx.base, tasks, methods, ctx.work / "eval-zeroshot", batch_size=16, progress=progress,
+                   ray=ctx.ray)
     publish(ctx, ctx.work / "eval-zeroshot", {f: f for f in ("results.md", "results.json", "accuracy.png",
                                                                 "routing.png")})
     publish(ctx, mbc_out, {"similarity.png": "mbc-similarity.png"})
