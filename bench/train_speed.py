@@ -7,7 +7,7 @@ in modulora and in PEFT (`get_peft_model`) on two copies of the base, steps inte
 precision: the same loss function for both (modulora's `answer_loss`, logits only where answers
 are), and PEFT as most scripts call it (`labels=` to the model: logits at every position). The
 memory peak of each is the peak RSS of a fresh process that loads the base, wraps it and runs
-3 steps (`ru_maxrss`), beside the RSS once the model is loaded. Several repeats, the median.
+3 steps (VmHWM), beside the RSS once the model is loaded. Several repeats, the median.
 Writes bench/results/train_speed.md.
 
     python bench/train_speed.py [--repeats 5]
@@ -76,13 +76,19 @@ def one_step(impl: str, model, opt, batch, dtype: str) -> float:
     return (peft_step_seconds if impl == "PEFT, labels= loss" else step_seconds)(model, opt, batch, dtype)
 
 
+def memory_mb(field: str) -> float:
+    """A /proc/self/status figure in MB: VmRSS (now) or VmHWM (the peak; unlike ru_maxrss, a
+    fresh process does not inherit its parent's)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def peak_memory(impl: str, dtype: str) -> dict:
     """In a fresh process: RSS once the wrapped model is loaded, and the peak after 3 steps (MB)."""
-    code = (f"import sys, json, resource; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_speed as t; "
-            f"m, o = t.wrapped({impl!r}); b = t.make_batch(); "
-            f"rss = int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20; "
+    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_speed as t; "
+            f"m, o = t.wrapped({impl!r}); b = t.make_batch(); loaded = t.memory_mb('VmRSS'); "
             f"[t.one_step({impl!r}, m, o, b, {dtype!r}) for _ in range(3)]; "
-            f"print(json.dumps({{'loaded': rss, 'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))")
+            f"print(json.dumps({{'loaded': loaded, 'peak': t.memory_mb('VmHWM')}}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

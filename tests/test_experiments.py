@@ -33,7 +33,7 @@ def test_quick_experiment(work, name, capsys):
 def test_rerun_reuses_adapters(work):
     """Runs after the parametrized ones: the private build reports every adapter reused."""
     assert main(["experiment", "zeroshot", "--quick", "--data", str(DATA), "--work", str(work), "--no-progress"]) == 0
-    build = json.loads((work / "quick" / "sni-private" / "build.json").read_text())
+    build = json.loads((work / "quick" / "sni-private-4x3" / "build.json").read_text())
     assert build["trained"] == [] and len(build["reused"]) == 4
 
 

@@ -522,3 +522,134 @@ def test_other_bad_input(setup, tmp_path):
     with pytest.raises(RoutingError, match="rows"):
         logits_of(setup["model"], torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long),
                   RoutingPlan(es, [None, None, None]))
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [2, 0, 3, 1]])
+def test_every_row_its_own_expert(setup, batch, monkeypatch, order):
+    """Every row its own expert: in slot order the prompt uses the experts' tensors as they are
+    and the decode step multiplies straight into the output (no gather, no scatter); in another
+    order through the gathered paths. Either way each row equals its adapter alone."""
+    from modulora.routing import layer
+
+    ids, mask = batch
+    es, model = setup["es"], setup["model"]
+    routes = [{NAMES[i]: 1.0} for i in order]
+    m2 = torch.cat([mask, torch.tensor([[1], [0], [1], [1]])], 1)  # row 1 finished: a pad this step
+    for dense in (True, False):
+        if not dense:  # the per-row prompt kernel and the per-expert decode kernel
+            monkeypatch.setattr(layer, "DENSE_PROMPT_COLS", 0)
+            monkeypatch.setattr(layer, "DENSE_STEP_COLS", 0)
+        plan = RoutingPlan(es, routes)
+        assert (plan.mix.row_span is not None, plan.mix.slot_rows is None) == ((order == [0, 1, 2, 3],) * 2)
+        with torch.inference_mode():
+            logits, cache = step(model, plan, ids, mask)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            routed2, _ = step(model, plan, nxt, m2, cache)
+        for i, e in enumerate(order):
+            alone = fresh()
+            load_adapter(alone, setup["dirs"][NAMES[e]])
+            with torch.inference_mode():
+                want, c = forward(alone, ids[i:i + 1], mask[i:i + 1])
+                want2, _ = forward(alone, nxt[i:i + 1], m2[i:i + 1], c)
+            close_on_valid(logits[i:i + 1], want, mask[i:i + 1])
+            if m2[i, -1]:
+                torch.testing.assert_close(routed2[i], want2[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_arrow_kernels_agree(average):
+    """Every kernel of arrow.mixed_delta gives the per-token reference, with and without `out`."""
+    gen = torch.Generator().manual_seed(0)
+    E, R, d_in, d_out, n, k = 9, 3, 16, 12, 40, 2
+    A, Bt = torch.randn(E, R, d_in, generator=gen), torch.randn(E, R, d_out, generator=gen)
+    x = torch.randn(n, d_in, generator=gen)
+    idx, w = arrow_mod.route_tokens(x, torch.randn(E, d_in, generator=gen), Arrow(top_k=k))
+    want = torch.zeros(n, d_out)
+    for t in range(n):
+        a = sum(w[t, j] * A[idx[t, j]] for j in range(k))
+        b = sum(w[t, j] * Bt[idx[t, j]] for j in range(k))
+        want[t] = (b.T @ a @ x[t]) if average else sum(
+            w[t, j] * (Bt[idx[t, j]].T @ (A[idx[t, j]] @ x[t])) for j in range(k))
+    used = torch.bincount(idx.reshape(-1), minlength=E).nonzero().squeeze(1)
+    got = {
+        "dense": arrow_mod.dense_delta(x, A, Bt, arrow_mod.coefficients(idx, w, E), average),
+        "pairs": arrow_mod._pair_delta(x, A, Bt, idx, w, average),
+        "used": arrow_mod._used_delta(x, A, Bt, idx, w, used, average),
+        "sorted": arrow_mod._sorted_delta(x, A, Bt, idx, w, torch.bincount(idx.reshape(-1), minlength=E).tolist(),
+                                          average),
+        "dispatch": arrow_mod.mixed_delta(x, A, Bt, idx, w, average),
+        "dispatch, few tokens": arrow_mod.mixed_delta(x[:3], A, Bt, idx[:3], w[:3], average),
+        "into out": arrow_mod.mixed_delta(x[:3], A, Bt, idx[:3], w[:3], average, out=torch.ones(3, d_out)) - 1,
+    }
+    for name, value in got.items():
+        ref = want[:3] if "few" in name or "out" in name else want
+        torch.testing.assert_close(value, ref, atol=1e-4, rtol=1e-4, msg=name)
+
+
+class _NoSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any operation that reads a value back from the device (or whose output shape
+    depends on the values: on a GPU each of these waits for the device)."""
+
+    READ_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "bincount",
+                 "repeat_interleave", "argwhere"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))
+        if name in self.READ_BACK or bool_index:
+            raise AssertionError(f"{name} reads a value back from the device in a decode step")
+        return func(*args, **(kwargs or {}))
+
+
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _read_back(name):
+    def fail(self, *args, **kwargs):
+        raise AssertionError(f"Tensor.{name} reads a value back from the device in a decode step")
+    return fail
+
+
+def _guarded(fn):
+    """fn with every read-back failing while it runs (and only then)."""
+    def run(self, *args):
+        saved = {n: torch.Tensor.__dict__.get(n) for n in READS}
+        for n in READS:
+            setattr(torch.Tensor, n, _read_back(n))
+        try:
+            with _NoSync():
+                return fn(self, *args)
+        finally:
+            for n, f in saved.items():
+                if f is None:
+                    delattr(torch.Tensor, n)
+                else:
+                    setattr(torch.Tensor, n, f)
+    return run
+
+
+def test_a_decode_step_reads_nothing_back_from_the_device(setup, batch, monkeypatch):
+    """Building a decode step's weights and every kernel of a step (dense, grouped, per-row
+    average, Arrow dense and per-token gather) run on the device alone: no value is read back."""
+    from modulora.routing import layer
+
+    ids, mask = batch
+    es, model = setup["es"], setup["model"]
+    routes = [{"e1": 1.0}, Arrow(top_k=2), {"e0": 1, "e2": 1, "e3": 1}, Arrow(top_k=1)]
+    modes = ["mixture", "mixture", "average", "mixture"]
+    m2 = torch.cat([mask, torch.tensor([[1], [0], [1], [1]])], 1)
+    real_begin, real_apply = layer.RoutingPlan.begin, layer.RoutingPlan.apply
+    for cols in (layer.DENSE_STEP_COLS, 0):
+        monkeypatch.setattr(layer, "DENSE_STEP_COLS", cols)
+        plan = RoutingPlan(es, routes, modes)
+        with torch.inference_mode():
+            logits, cache = step(model, plan, ids, mask)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            monkeypatch.setattr(layer.RoutingPlan, "begin", _guarded(real_begin))
+            monkeypatch.setattr(layer.RoutingPlan, "apply", _guarded(real_apply))
+            try:
+                step(model, plan, nxt, m2, cache)
+            finally:
+                monkeypatch.undo()
+        assert plan.tokens_seen.tolist() == (mask.sum(1) + m2[:, -1]).tolist()

@@ -489,17 +489,17 @@ def test_a_failure_while_admitting_fails_the_newcomers_not_the_running_requests(
         s.submit([running])
         while not s.engine.rows:
             time.sleep(0.01)
-        real = s.router.resolve
+        real = s.router.resolve_traced
 
         def broken(*args, **kwargs):
             raise RuntimeError("the library changed underneath")
 
-        s.router.resolve = broken
+        s.router.resolve_traced = broken
         newcomer = _Item(ids, "Peru", "b", params=SamplingParams(max_tokens=4))
         s.submit([newcomer])
         err = newcomer.future.exception(timeout=60)
         assert isinstance(err, APIError) and err.status == 500 and "library changed underneath" in str(err)
-        s.router.resolve = real
+        s.router.resolve_traced = real
         assert len(running.future.result(timeout=60).token_ids) == 40
     finally:
         s.stop()

@@ -29,11 +29,13 @@ from .experts import ExpertSet, LoraExpert, RoutingError, cache_derived
 
 ARROW_KIND = "arrow-v1"
 
-# Kernel choice for the expert products (see bench/routing_layer_micro.py): one masked product
-# over the experts that some token of this batch selected ("used") is faster than sorting the
-# token-expert pairs by expert while the used experts are few compared with k, or the tokens few
-# (a decode step); beyond that the sorted kernel, whose work grows with k and not with E, wins.
-DENSE_MAX_RATIO = 4.0   # "used" kernel while (number of used experts) <= DENSE_MAX_RATIO * k ...
+# Kernel choice for the expert products (see bench/routing_layer_micro.py and `mixed_delta`): one
+# masked product over all the candidates ("dense": two efficient GEMMs, no host sync) while they
+# are few compared with k, or while the tokens are few (a decode step) and could use them all;
+# few tokens among many experts gather each token's own k experts (no host sync either); a prompt
+# among many experts reads the counts once per module and takes the "used" experts' masked
+# product, or sorts the token-expert pairs by expert (work that grows with k, not with E).
+DENSE_MAX_RATIO = 4.0   # dense / "used" while (number of experts) <= DENSE_MAX_RATIO * k ...
 DENSE_MAX_TOKENS = 64   # ... or while there are at most this many tokens
 
 
@@ -160,24 +162,67 @@ def route_tokens(x: torch.Tensor, protos: torch.Tensor, spec: Arrow,
     if allowed is not None:
         scores.masked_fill_(~allowed, float("-inf"))
     vals, idx = torch.topk(scores, min(spec.top_k, protos.shape[0]), dim=-1)
-    w = torch.softmax(vals / spec.temperature, dim=-1)
+    w = torch.softmax(vals if spec.temperature == 1 else vals / spec.temperature, dim=-1)
     if cand is not None:
         idx = cand[idx]
     return idx, w
 
 
+def coefficients(idx: torch.Tensor, w: torch.Tensor, E: int) -> torch.Tensor:
+    """Each token's weight for every expert [N, E] (0 for the experts it did not select)."""
+    return w.new_zeros(idx.shape[0], E).scatter_(1, idx, w)
+
+
 def mixed_delta(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                average: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                average: bool = False, out: torch.Tensor | None = None,
+                coeff: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k w[n,k] B_idx A_idx x[n] (or the averaged form) for tokens x [N, in]; A [E, R, in],
-    Bt [E, R, out]. Only experts that some token selected are touched. With `out` [N, out] (same
-    dtype), the result is added to it in place and `out` returned."""
+    Bt [E, R, out]. With `out` [N, out] (same dtype), the result is added to it in place and
+    `out` returned; `coeff` is `coefficients(idx, w, E)` where the caller has it already.
+
+    Few experts (E <= DENSE_MAX_RATIO * k), or few tokens that together could select them all:
+    every expert's product, unselected ones weighted 0 (no host sync: a GPU decode step never
+    waits for the host). Few tokens among many experts: each token's own experts gathered (no
+    sync either). Only a prompt among many experts reads the selection counts back, once per
+    module, to compute just the experts that some token selected."""
     E = A.shape[0]
     n, k = idx.shape
+    if E <= DENSE_MAX_RATIO * k or (n <= DENSE_MAX_TOKENS and n * k >= E):
+        return dense_delta(x, A, Bt, coefficients(idx, w, E) if coeff is None else coeff, average, out)
+    if n <= DENSE_MAX_TOKENS:
+        return _pair_delta(x, A, Bt, idx, w, average, out)
     counts = torch.bincount(idx.reshape(-1), minlength=E)
     used = counts.nonzero().squeeze(1)
-    if used.numel() <= DENSE_MAX_RATIO * k or n <= DENSE_MAX_TOKENS:
+    if used.numel() <= DENSE_MAX_RATIO * k:
         return _used_delta(x, A, Bt, idx, w, used, average, out)
     return _sorted_delta(x, A, Bt, idx, w, counts.tolist(), average, out)
+
+
+def dense_delta(x, A, Bt, coeff, average=False, out=None):
+    """Every expert's product for every token, scaled by coeff [N, E]: two GEMMs of rank E*R."""
+    E, R, d_in = A.shape
+    z = torch.nn.functional.linear(x, A.reshape(E * R, d_in)).view(-1, E, R)   # [N, E, R]
+    if average:
+        zbar = torch.einsum("ne,ner->nr", coeff, z)                       # (sum w A) x
+        z = coeff.unsqueeze(-1) * zbar.unsqueeze(1)                       # feeds sum w B
+    else:
+        z.mul_(coeff.unsqueeze(-1))
+    z, Bt = z.view(-1, E * R), Bt.reshape(E * R, -1)
+    return z @ Bt if out is None else out.addmm_(z, Bt)
+
+
+def _pair_delta(x, A, Bt, idx, w, average, out=None):
+    """Each token's k experts gathered ([N, k*R, .]: copies of the selected experts only), then
+    two batched matrix-vector products."""
+    n, k = idx.shape
+    R = A.shape[1]
+    z = torch.bmm(A[idx].view(n, k * R, -1), x.unsqueeze(2)).view(n, k, R)
+    if average:
+        z = w.unsqueeze(-1) * (z * w.unsqueeze(-1)).sum(1, keepdim=True)
+    else:
+        z = z * w.unsqueeze(-1)
+    delta = torch.bmm(z.view(n, 1, k * R), Bt[idx].view(n, k * R, -1)).squeeze(1)
+    return delta if out is None else out.add_(delta)
 
 
 def _used_delta(x, A, Bt, idx, w, used, average, out=None):
@@ -227,4 +272,4 @@ def _sorted_delta(x, A, Bt, idx, w, counts, average, out=None):
 
 
 __all__ = ["Arrow", "ARROW_KIND", "prototypes", "expert_prototypes", "compute_prototypes",
-           "top_right_singular_vectors", "route_tokens", "mixed_delta"]
+           "top_right_singular_vectors", "route_tokens", "coefficients", "mixed_delta", "dense_delta"]

@@ -19,17 +19,23 @@ where B_e includes the expert's scaling. Padding tokens (attention mask 0) get n
 delta is zero. Only selected experts are computed:
 
 - sequence routes, prompt (t > 1): per row, its k experts' A and B are gathered and applied with
-  two batched matmuls (the k experts of a row act as one LoRA of rank k*R);
+  two batched matmuls (the k experts of a row act as one LoRA of rank k*R; one expert per row,
+  the rows' experts in slot order: no gather, the experts' tensors are used as they are);
 - sequence routes, output mixture, few experts in use (U used experts of rank R, U*R at most
   `DENSE_PROMPT_COLS` for a prompt, `DENSE_STEP_COLS` for a decode step): the used experts' A
   and B are taken as one LoRA of rank U*R and applied to all rows with two plain matmuls, each
   row's weights (0 for the experts it does not use) scaling its columns in between; one
   efficient GEMM per module instead of many thin batched ones, each used expert read once;
-- sequence routes, decode step (t = 1), many experts in use: rows are grouped by expert (pairs
+- sequence routes, decode step (t = 1), more experts in use: rows are grouped by expert (pairs
   sorted once per plan), so each used expert's weights are read once per step however many rows
-  use it;
+  use it, and each row is multiplied by its own experts only (every row its own expert, rows in
+  slot order: two batched matrix-vector products straight into the output);
 - parameter averaging: the averaged A and B of each row are formed once per plan and module;
 - Arrow: see `arrow.mixed_delta`.
+
+Every index tensor is built once per plan, from the routes on the host, and copied to the device
+once; a forward derives its weights from its mask on the device, so a decode step never waits on
+a value read back from the device (a prompt with Arrow rows reads its mask once, to skip pads).
 
 The model's forward pre-hook (set by `install`) hands each forward's attention mask to the plan,
 so the existing `modulora.forward.forward` / `modulora.generate.generate_ids` work unchanged with
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +63,15 @@ from .experts import ExpertSet, RoutingError
 
 MODES = ("mixture", "average")
 # the dense mixture (all used experts as one LoRA of rank U*R) is used up to this many columns:
-# for a prompt its extra work grows with U*R for every token, so it stays small; for a decode step
-# the work is a few rows, and reading the used experts' weights (the same for any method) dominates
+# its work grows with U*R for every token (each row is multiplied by every used expert), while the
+# per-row and grouped kernels multiply each row by its own experts only; on a 2-core AMD EPYC the
+# grouped decode step overtakes the dense one from 4 experts of rank 8 in use (16 rows: 9.6 ms
+# against 8.9 ms over SmolLM2's 210 modules; 16 experts: 30 ms against 18 ms)
 DENSE_PROMPT_COLS = 64
-DENSE_STEP_COLS = 1024
+DENSE_STEP_COLS = 32
+# ... and while each row multiplies at most this many times the experts it uses (U <= 2 k): a
+# server's prompts of 5 adapters, one a row, took the LoRA part from 94 to 50 ms per forward
+DENSE_MAX_EXTRA = 2
 
 
 class MultiLoraLinear(Wrapper):
@@ -204,63 +216,93 @@ def routing(model: nn.Module, plan: "RoutingPlan"):
 # the plan
 
 
-class _SeqGroup:
-    """Rows with sequence-level routes sharing one composition: idx/w [rows, k] (padded, w=0)."""
+def _subset(items: list[int], n: int, device):
+    """How to take these rows of a stacked [n, ...] tensor: None (all of them, in order), a slice
+    (a run of consecutive rows: a view, no copy) or an index tensor (index_select: a copy)."""
+    if items == list(range(n)):
+        return None
+    if items == list(range(items[0], items[0] + len(items))):
+        return slice(items[0], items[0] + len(items))
+    return torch.tensor(items, device=device)
 
-    def __init__(self, rows: list[int], idx: torch.Tensor, w: torch.Tensor, expert_set: ExpertSet, b: int,
+
+def _take(t: torch.Tensor, sub) -> torch.Tensor:
+    """Rows `sub` (see `_subset`) of a stacked tensor."""
+    if sub is None:
+        return t
+    return t[sub] if isinstance(sub, slice) else t.index_select(0, sub)
+
+
+class _SeqGroup:
+    """Rows with sequence-level routes sharing one composition, and the index tensors of every
+    kernel, built once per plan from the routes in plain Python (no tensor is read back):
+
+    - idx / w [rows, k] (padded with weight 0) for prompts; `row_span` when every row has one
+      expert and the rows' experts are consecutive slots (the experts' tensors are then a view);
+    - decode steps: the (row, expert) pairs grouped by expert, U used experts with C slots each
+      (padded with weight 0); `slot_rows` is None where slot i is row i (every row its own
+      expert, rows in slot order: no gather and no scatter);
+    - the dense mixture: per row, the weight of each of the U*R columns [rows, U*R].
+    """
+
+    def __init__(self, rows: list[int], pairs: list[list[tuple[int, float]]], expert_set: ExpertSet, b: int,
                  device):
-        k = int((w > 0).sum(1).max())
-        idx, w = idx[:, :k], w[:, :k]
-        self.k = k
+        dtype = expert_set.dtype
         self.row_list = rows
         self.rows = None if rows == list(range(b)) else torch.tensor(rows, device=device)
-        self.idx = idx.to(device)
-        self.w = w.to(device=device, dtype=expert_set.dtype)
-        # decode steps: (row, expert) pairs with weight > 0, sorted by expert and padded per expert to
-        # the largest group C, so that a step is two [U, C, .] batched matmuls over the U used experts
-        pair_rows = torch.tensor(rows).repeat_interleave(k)
-        flat_e, flat_w = idx.reshape(-1), w.reshape(-1)
-        keep = flat_w > 0
-        pair_rows, flat_e, flat_w = pair_rows[keep], flat_e[keep], flat_w[keep]
-        order = torch.argsort(flat_e, stable=True)
-        used, counts = torch.unique_consecutive(flat_e[order], return_counts=True)
-        C = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        g = torch.repeat_interleave(torch.arange(len(used)), counts)
-        slot = g * C + torch.arange(len(order)) - starts[g]
-        self.U, self.C = len(used), C
-        self.used = None if used.tolist() == list(range(len(expert_set))) else used.to(device)
-        self.slot_rows = torch.full((self.U * C,), rows[0], dtype=torch.long)
-        self.slot_rows[slot] = pair_rows[order]
-        self.slot_w = torch.zeros(self.U * C)
-        self.slot_w[slot] = flat_w[order]
-        self.slot_rows = self.slot_rows.to(device)
-        self.slot_w = self.slot_w.to(device=device, dtype=expert_set.dtype)
-        # the dense mixture: columns [u*R, (u+1)*R) belong to the u-th used expert; per row, the
-        # weight of each column (the row's weight for that expert, 0 if it does not use it)
-        R = expert_set.rank
-        self.R = R
-        used_list = used.tolist()
-        span = (used_list[0], used_list[-1] + 1)
-        self.dense_span = span if used_list == list(range(*span)) else None  # a slice of the set: no copy
-        self.dense_used = used
-        pos = torch.searchsorted(used, flat_e)
-        dense_w = torch.zeros(len(rows), self.U, dtype=torch.float64)
-        row_of_pair = torch.arange(len(rows)).repeat_interleave(k)[keep]
-        dense_w.index_put_((row_of_pair, pos), flat_w.to(torch.float64), accumulate=True)
-        self.dense_w = dense_w.repeat_interleave(R, dim=1).to(device=device, dtype=expert_set.dtype)  # [rows, U*R]
+        self.k = k = max(len(p) for p in pairs)
+        self.idx = torch.tensor([[e for e, _ in p] + [0] * (k - len(p)) for p in pairs], device=device)
+        self.w = torch.tensor([[v for _, v in p] + [0.0] * (k - len(p)) for p in pairs], dtype=dtype, device=device)
+        first = [p[0][0] for p in pairs]
+        self.row_span = (slice(first[0], first[0] + len(first))
+                         if k == 1 and first == list(range(first[0], first[0] + len(first))) else None)
+        by_expert: dict[int, list[tuple[int, float]]] = defaultdict(list)
+        for r, p in zip(rows, pairs):
+            for e, v in p:
+                by_expert[e].append((r, v))
+        used = sorted(by_expert)
+        self.U, self.C, self.R = len(used), max(len(v) for v in by_expert.values()), expert_set.rank
+        self.used = _subset(used, len(expert_set), device)
+        slot_rows, slot_w = [], []
+        for e in used:
+            pad = self.C - len(by_expert[e])
+            slot_rows += [r for r, _ in by_expert[e]] + [rows[0]] * pad
+            slot_w += [v for _, v in by_expert[e]] + [0.0] * pad
+        self.slot_rows = None if slot_rows == list(range(b)) else torch.tensor(slot_rows, device=device)
+        self.slot_w = torch.tensor(slot_w, dtype=dtype, device=device)
+        column = {e: u for u, e in enumerate(used)}
+        dense = torch.zeros(len(rows), self.U, dtype=torch.float64)
+        for i, p in enumerate(pairs):
+            for e, v in p:
+                dense[i, column[e]] += v
+        self.dense_w = dense.repeat_interleave(self.R, dim=1).to(device=device, dtype=dtype)  # [rows, U*R]
 
 
 class _ArrowGroup:
-    """Rows sharing one Arrow spec and composition; `cand` maps candidate positions to the set."""
+    """Rows sharing one Arrow spec and composition; `cand` takes the candidates' rows of the set's
+    stacked tensors (`_subset`: None for all, a slice for a run of slots)."""
 
-    def __init__(self, spec: Arrow, rows: list[int], expert_set: ExpertSet, average: bool, device):
-        cand = spec.candidates(expert_set)
+    def __init__(self, spec: Arrow, rows: list[int], expert_set: ExpertSet, average: bool, b: int, device):
         self.spec = spec
         self.average = average
         self.row_list = rows
+        self.all_rows = rows == list(range(b))
         self.rows = torch.tensor(rows, device=device)
-        self.cand = None if cand == list(range(len(expert_set))) else torch.tensor(cand, device=device)
+        self.cand_list = spec.candidates(expert_set)
+        self.cand = _subset(self.cand_list, len(expert_set), device)
+
+
+@dataclass
+class _ArrowTokens:
+    """An Arrow group's tokens in one forward: `toks` the flat positions computed (None: all of
+    the batch, in order), `scale` [n] their validity when pads are computed too (decode steps,
+    None: all real), `origin` [n] each one's row of the plan, `counted` [n] 1 where it counts in
+    report() (None: wherever `scale` is not 0)."""
+
+    toks: torch.Tensor | None
+    scale: torch.Tensor | None
+    origin: torch.Tensor
+    counted: torch.Tensor | None
 
 
 class _Forward:
@@ -272,9 +314,7 @@ class _Forward:
         # or [rows*t, U*R] per column of the dense mixture
         self.seq: dict[int, torch.Tensor] = {}
         self.dense = False  # whether the output-mixture group takes the dense path in this forward
-        self.tokens: dict[int, torch.Tensor | None] = {}  # id(Arrow group) -> flat indices of its real tokens
-        self.token_rows: dict[int, torch.Tensor] = {}     # id(Arrow group) -> the row of each of them
-        self.counted: dict[int, torch.Tensor] = {}        # id(Arrow group) -> 1 where a token counts in report()
+        self.arrow: dict[int, _ArrowTokens] = {}  # id(Arrow group) -> its tokens
 
 
 class RoutingPlan:
@@ -318,7 +358,7 @@ class RoutingPlan:
         self.content_spans: list[tuple[int, int]] | None = None
         # what report() reads, per row of the plan (however the batch was narrowed since): tokens
         # counted, and for Arrow rows the sum over them of each expert's weight, per module [rows, E]
-        self.tokens_seen = torch.zeros(b, dtype=torch.float64)
+        self.tokens_seen = torch.zeros(b, dtype=torch.float64, device=expert_set.device)
         self.weight_sums: dict[str, torch.Tensor] = {}
         self._E = len(expert_set)
         self.select(list(range(b)))
@@ -328,8 +368,7 @@ class RoutingPlan:
         generation drops the rows that finished); reports still count each row's earlier tokens."""
         expert_set, device = self.expert_set, self.expert_set.device
         self.origin = list(rows)
-        self._origin_cpu = torch.tensor(self.origin, dtype=torch.long)
-        self._origin = self._origin_cpu.to(device)
+        self._origin = torch.tensor(self.origin, dtype=torch.long, device=device)
         self.b = len(rows)
         mix_rows, avg_rows, arrow_rows = [], [], defaultdict(list)
         for p, i in enumerate(rows):
@@ -338,22 +377,14 @@ class RoutingPlan:
                 arrow_rows[(route, mode)].append(p)
             elif isinstance(route, dict):
                 (avg_rows if mode == "average" and len(route) > 1 else mix_rows).append(p)
-        # per batch position: sequence-level experts and weights [b, k] (k = most experts of any
-        # row; padded, and rows without a sequence route, with weight 0)
-        k = max([len(self.routes[i]) for i in rows if isinstance(self.routes[i], dict)], default=0)
-        self.indices = torch.zeros(self.b, k, dtype=torch.long)
-        self.weights = torch.zeros(self.b, k)
-        for p, i in enumerate(rows):
-            r = self.routes[i]
-            if isinstance(r, dict):
-                for j, (name, weight) in enumerate(r.items()):
-                    self.indices[p, j], self.weights[p, j] = expert_set.index(name), weight
-
         def seq_group(pos):
-            return _SeqGroup(pos, self.indices[pos], self.weights[pos], expert_set, self.b, device) if pos else None
+            if not pos:
+                return None
+            pairs = [[(expert_set.index(n), w) for n, w in self.routes[rows[p]].items()] for p in pos]
+            return _SeqGroup(pos, pairs, expert_set, self.b, device)
 
         self.mix, self.avg = seq_group(mix_rows), seq_group(avg_rows)
-        self.arrows = [_ArrowGroup(spec, pos, expert_set, mode == "average", device)
+        self.arrows = [_ArrowGroup(spec, pos, expert_set, mode == "average", self.b, device)
                        for (spec, mode), pos in arrow_rows.items()]
         self.active = bool(mix_rows or avg_rows or arrow_rows)
         if self.arrows and self.protos is None:
@@ -364,27 +395,21 @@ class RoutingPlan:
 
     def begin(self, token_mask: torch.Tensor | None, b: int, t: int) -> None:
         """Called (by the model's pre-hook) before each forward: `token_mask` [b, t] marks this
-        forward's real tokens (None: all real)."""
+        forward's real tokens (None: all real). Builds this forward's weights on the device; a
+        decode step reads nothing back to the host."""
         if b != self.b:
             raise RoutingError(f"the routing plan has {self.b} rows but the batch has {b}")
         dev = self.expert_set.device
         valid = (torch.ones(b, t, dtype=torch.bool, device=dev) if token_mask is None
                  else token_mask.to(device=dev, dtype=torch.bool))
         fwd = _Forward(b, t)
-        dtype = self.expert_set.dtype
-        fwd.dense = False
+        mix = self.mix
+        if mix is not None:
+            cols = DENSE_STEP_COLS if t == 1 else DENSE_PROMPT_COLS
+            fwd.dense = mix.U * mix.R <= cols and mix.U <= DENSE_MAX_EXTRA * mix.k
         for g in (self.mix, self.avg):
-            if g is None:
-                continue
-            if g is self.mix and g.U * g.R <= (DENSE_STEP_COLS if t == 1 else DENSE_PROMPT_COLS):
-                fwd.dense = True
-                v = valid if g.rows is None else valid.index_select(0, g.rows)
-                fwd.seq[id(g)] = (g.dense_w.unsqueeze(1) * v.unsqueeze(2).to(dtype)).reshape(-1, g.U * g.R)
-            elif t == 1 and g is self.mix:
-                fwd.seq[id(g)] = g.slot_w * valid[g.slot_rows, 0].to(dtype)
-            else:
-                v = valid if g.rows is None else valid.index_select(0, g.rows)
-                fwd.seq[id(g)] = g.w.unsqueeze(1) * v.unsqueeze(2).to(dtype)          # [rows, t, k]
+            if g is not None:
+                fwd.seq[id(g)] = self._seq_weights(g, valid, t, fwd.dense and g is self.mix)
         counted = valid
         if self.content_spans is not None:
             pos = torch.arange(t, device=dev)
@@ -393,16 +418,41 @@ class RoutingPlan:
             hi = torch.tensor([z for _, z in spans], device=dev).unsqueeze(1)
             counted = valid & (pos >= lo) & (pos < hi)
         for g in self.arrows:
-            sub = valid.index_select(0, g.rows)                                       # [rows, t]
-            flat = (g.rows.unsqueeze(1) * t + torch.arange(t, device=dev)).reshape(-1)
-            keep = sub.reshape(-1)
-            toks = flat[keep]
-            fwd.tokens[id(g)] = None if toks.numel() == b * t else toks
-            fwd.token_rows[id(g)] = g.rows.repeat_interleave(t)[keep]
-            fwd.counted[id(g)] = counted.index_select(0, g.rows).reshape(-1)[keep]
-        self.tokens_seen.index_add_(0, self._origin_cpu, counted.sum(1).to(self.tokens_seen))
+            fwd.arrow[id(g)] = self._arrow_tokens(g, valid, counted)
+        self.tokens_seen.index_add_(0, self._origin, counted.sum(1).to(self.tokens_seen.dtype))
         self.token_mask = valid
         self.fwd = fwd
+
+    def _seq_weights(self, g: _SeqGroup, valid: torch.Tensor, t: int, dense: bool) -> torch.Tensor:
+        """A sequence group's weights times validity for this forward, in its kernel's layout."""
+        dtype = self.expert_set.dtype
+        if t == 1 and g is self.mix and not dense:  # per decode slot [U*C]
+            v = valid[:, 0] if g.slot_rows is None else valid[:, 0].index_select(0, g.slot_rows)
+            return g.slot_w * v.to(dtype)
+        v = (valid if g.rows is None else valid.index_select(0, g.rows)).to(dtype)
+        if dense:                                                         # per column [rows*t, U*R]
+            return (g.dense_w.unsqueeze(1) * v.unsqueeze(2)).reshape(-1, g.U * g.R)
+        return g.w.unsqueeze(1) * v.unsqueeze(2)                          # [rows, t, k]
+
+    def _arrow_tokens(self, g: _ArrowGroup, valid: torch.Tensor, counted: torch.Tensor) -> _ArrowTokens:
+        """An Arrow group's tokens in this forward. A decode step computes every row's token and
+        weights pads 0 (no host sync); a prompt computes only its real tokens (picking them reads
+        the mask back once per forward, and saves the work on padding)."""
+        b, t = valid.shape
+        dtype = self.expert_set.dtype
+        rows = None if g.all_rows else g.rows
+        if t == 1:
+            v, c = valid[:, 0], counted[:, 0]
+            if rows is not None:
+                v, c = v.index_select(0, rows), c.index_select(0, rows)
+            origin = self._origin if rows is None else self._origin.index_select(0, rows)
+            return _ArrowTokens(rows, v.to(dtype), origin, None if counted is valid else c.to(dtype))
+        keep = valid.index_select(0, g.rows).reshape(-1)
+        flat = (g.rows.unsqueeze(1) * t + torch.arange(t, device=valid.device)).reshape(-1)
+        toks = flat[keep]
+        origin = self._origin[g.rows.repeat_interleave(t)[keep]]
+        c = None if counted is valid else counted.index_select(0, g.rows).reshape(-1)[keep].to(dtype)
+        return _ArrowTokens(None if toks.numel() == b * t else toks, None, origin, c)
 
     # -- the layer's work ----------------------------------------------------------------------
 
@@ -419,17 +469,18 @@ class RoutingPlan:
         y3 = y.view(b, t, -1)
         A, Bt = layer.experts_A, layer.experts_Bt
         name = layer.module_name
-        if self.mix is not None:
+        g = self.mix
+        if g is not None:
             if fwd.dense:
-                self._dense(self.mix, name, A, Bt, xe, y3, fwd.seq[id(self.mix)])
+                self._dense(g, name, A, Bt, xe, y3, fwd.seq[id(g)])
             elif t == 1:
-                self._grouped(self.mix, name, A, Bt, xe, y3, fwd.seq[id(self.mix)])
+                self._grouped(g, name, A, Bt, xe, y3, fwd.seq[id(g)])
             else:
-                self._rowwise_mixture(self.mix, A, Bt, xe, y3, fwd.seq[id(self.mix)])
+                self._rowwise_mixture(g, A, Bt, xe, y3, fwd.seq[id(g)])
         if self.avg is not None:
             self._rowwise_average(self.avg, name, A, Bt, xe, y3, fwd.seq[id(self.avg)])
-        for gi, g in enumerate(self.arrows):
-            self._arrow(g, gi, name, A, Bt, xe, y3, fwd)
+        for gi, ga in enumerate(self.arrows):
+            self._arrow(ga, gi, name, A, Bt, xe, y3, fwd.arrow[id(ga)])
         return y
 
     @staticmethod
@@ -440,16 +491,30 @@ class RoutingPlan:
         else:
             y3.index_add_(0, rows, delta)
 
+    @staticmethod
+    def _in_place(y3, rows, z) -> bool:
+        """Whether a product can accumulate straight into the base output."""
+        return rows is None and y3.dtype == z.dtype and y3.is_contiguous()
+
+    def _used(self, g: _SeqGroup, name: str, A, Bt):
+        """The group's used experts' A and B (views of the set, or copies made once per plan)."""
+        key = ("used", name)
+        if key not in self._cache:
+            self._cache[key] = (_take(A, g.used), _take(Bt, g.used))
+        return self._cache[key]
+
     def _rowwise_mixture(self, g: _SeqGroup, A, Bt, x, y3, wt):
         """Each row's k experts as one LoRA of rank k*R: gather, then two batched matmuls."""
         n, k = g.idx.shape
         R = A.shape[1]
         xg = x if g.rows is None else x.index_select(0, g.rows)
-        Ag = A[g.idx].view(n, k * R, -1)                                  # [n, kR, in]
-        Bg = Bt[g.idx].view(n, k * R, -1)                                 # [n, kR, out]
+        if g.row_span is not None:                                        # one expert a row, in slot order
+            Ag, Bg = A[g.row_span], Bt[g.row_span]
+        else:
+            Ag, Bg = A[g.idx].view(n, k * R, -1), Bt[g.idx].view(n, k * R, -1)  # [n, kR, in], [n, kR, out]
         z = torch.bmm(xg, Ag.transpose(1, 2))                             # [n, t, kR]
         z.view(n, -1, k, R).mul_(wt.unsqueeze(-1))                        # weights and pad mask
-        if g.rows is None and y3.dtype == z.dtype and y3.is_contiguous():
+        if self._in_place(y3, g.rows, z):
             y3.baddbmm_(z, Bg)
         else:
             self._add_rows(y3, g.rows, torch.bmm(z, Bg))
@@ -457,39 +522,32 @@ class RoutingPlan:
     def _dense(self, g: _SeqGroup, name, A, Bt, x, y3, wt):
         """The used experts as one LoRA of rank U*R over all the group's tokens: z = x A_u^T, each
         row's columns scaled by its weights (and its pad mask), then y += z B_u."""
-        key = ("dense", name)
-        flat = self._cache.get(key)
-        if flat is None:
-            E, R, d_in = A.shape
-            if g.dense_span is not None:
-                lo, hi = g.dense_span
-                Au, Bu = A[lo:hi], Bt[lo:hi]  # views of the stacked set
-            else:
-                Au, Bu = A.index_select(0, g.dense_used), Bt.index_select(0, g.dense_used)
-            flat = self._cache[key] = (Au.reshape(-1, d_in), Bu.reshape(-1, Bt.shape[2]))
-        Au, Bu = flat
+        Au, Bu = self._used(g, name, A, Bt)
+        Au, Bu = Au.reshape(-1, Au.shape[2]), Bu.reshape(-1, Bu.shape[2])
         xg = x if g.rows is None else x.index_select(0, g.rows)
         n, t = xg.shape[0], xg.shape[1]
         z = F.linear(xg.reshape(n * t, -1), Au)                          # [n*t, U*R]
         z.mul_(wt)                                                        # weights and pad mask
-        if g.rows is None and y3.dtype == z.dtype and y3.is_contiguous():
+        if self._in_place(y3, g.rows, z):
             y3.view(n * t, -1).addmm_(z, Bu)
         else:
             self._add_rows(y3, g.rows, torch.mm(z, Bu).view(n, t, -1))
 
     def _grouped(self, g: _SeqGroup, name, A, Bt, x, y3, slot_w):
-        """Decode step: (row, expert) pairs grouped by expert; each used expert read once."""
-        if g.used is not None:
-            key = ("used", name)
-            if key not in self._cache:
-                self._cache[key] = (A.index_select(0, g.used), Bt.index_select(0, g.used))
-            A, Bt = self._cache[key]
+        """Decode step: (row, expert) pairs grouped by expert, [U, C] slots; each used expert's
+        weights read once, each row multiplied only by its own experts."""
+        A, Bt = self._used(g, name, A, Bt)
         b = x.shape[0]
-        xs = x.reshape(b, -1).index_select(0, g.slot_rows).view(g.U, g.C, -1)
-        z = torch.bmm(xs, A.transpose(1, 2))                              # [U, C, R]
+        xs = x.reshape(b, -1)
+        if g.slot_rows is not None:
+            xs = xs.index_select(0, g.slot_rows)
+        z = torch.bmm(xs.view(g.U, g.C, -1), A.transpose(1, 2))          # [U, C, R]
         z.mul_(slot_w.view(g.U, g.C, 1))
-        ys = torch.bmm(z, Bt).view(g.U * g.C, -1)                         # [U*C, out]
-        y3.view(b, -1).index_add_(0, g.slot_rows, ys.to(y3.dtype))
+        if self._in_place(y3, g.slot_rows, z):
+            y3.view(g.U, g.C, -1).baddbmm_(z, Bt)
+        else:
+            ys = torch.bmm(z, Bt).view(g.U * g.C, -1)                     # [U*C, out]
+            self._add_rows(y3.view(b, -1), g.slot_rows, ys)
 
     def _rowwise_average(self, g: _SeqGroup, name, A, Bt, x, y3, wt):
         """(sum w B)(sum w A) per row; the averaged A and B are formed once per plan and module."""
@@ -503,49 +561,53 @@ class RoutingPlan:
         z.mul_((wt.sum(-1) > 0).unsqueeze(-1).to(z.dtype))                # pads get nothing
         self._add_rows(y3, g.rows, torch.bmm(z, Ba))
 
-    def _arrow(self, g: _ArrowGroup, gi: int, name, A, Bt, x, y3, fwd: _Forward):
-        toks = fwd.tokens[id(g)]
-        xf = x.reshape(-1, x.shape[-1])
-        if toks is not None:
-            if toks.numel() == 0:
-                return
-            xf = xf.index_select(0, toks)
-        protos, allowed = self._arrow_candidates(g, gi, name)
-        if protos is None:  # no candidate adapts this module
+    def _arrow(self, g: _ArrowGroup, gi: int, name, A, Bt, x, y3, tok: _ArrowTokens):
+        """Per token: the top-k candidates by |<x, v_e>|, then their products (arrow.mixed_delta)."""
+        cands = self._arrow_candidates(g, gi, name, A, Bt)
+        if cands is None:  # no candidate adapts this module
             return
-        idx, w = arrow_mod.route_tokens(xf, protos, g.spec, g.cand, allowed)
+        protos, allowed, Ac, Btc = cands
+        xf = x.reshape(-1, x.shape[-1])
+        if tok.toks is not None:
+            if tok.toks.numel() == 0:
+                return
+            xf = xf.index_select(0, tok.toks)
+        idx, w = arrow_mod.route_tokens(xf, protos, g.spec, allowed=allowed)   # candidate positions
+        if tok.scale is not None:
+            w = w * tok.scale.unsqueeze(1)                                # pads get nothing
+        coeff = arrow_mod.coefficients(idx, w, protos.shape[0])           # [n, candidates]
         yf = y3.view(-1, y3.shape[-1])
-        if toks is None and yf.dtype == xf.dtype:
-            arrow_mod.mixed_delta(xf, A, Bt, idx, w, average=g.average, out=yf)
+        if tok.toks is None and yf.dtype == xf.dtype:
+            arrow_mod.mixed_delta(xf, Ac, Btc, idx, w, average=g.average, out=yf, coeff=coeff)
         else:
-            delta = arrow_mod.mixed_delta(xf, A, Bt, idx, w, average=g.average).to(y3.dtype)
-            if toks is None:
-                yf.add_(delta)
-            else:
-                yf.index_add_(0, toks, delta)
+            delta = arrow_mod.mixed_delta(xf, Ac, Btc, idx, w, average=g.average, coeff=coeff)
+            self._add_rows(yf, tok.toks, delta)
+        self._count(g, name, coeff, tok)
+
+    def _count(self, g: _ArrowGroup, name: str, coeff: torch.Tensor, tok: _ArrowTokens) -> None:
+        """Add each token's weight per expert to its row's sums for this module (on the device)."""
         sums = self.weight_sums.get(name)
         if sums is None:
             sums = self.weight_sums[name] = torch.zeros(len(self.routes), self._E, dtype=torch.float64,
-                                                        device=x.device)
-        per_token = w.new_zeros(w.shape[0], self._E).scatter_(1, idx, w)
-        per_token *= fwd.counted[id(g)].unsqueeze(1).to(per_token.dtype)
-        sums.index_add_(0, self._origin[fwd.token_rows[id(g)]], per_token.to(sums.dtype))
+                                                        device=coeff.device)
+        if tok.counted is not None:
+            coeff = coeff * tok.counted.unsqueeze(1)
+        if isinstance(g.cand, torch.Tensor):
+            coeff = coeff.new_zeros(coeff.shape[0], self._E).index_copy_(1, g.cand, coeff)
+        target = sums if not isinstance(g.cand, slice) else sums[:, g.cand]
+        target.index_add_(0, tok.origin, coeff.to(sums.dtype))
 
-    def _arrow_candidates(self, g: _ArrowGroup, gi: int, name: str):
-        """(prototypes of the group's candidates at this module, which of them adapt it or None
-        for all); (None, None) when none does."""
-        key = ("protos", gi, name)
+    def _arrow_candidates(self, g: _ArrowGroup, gi: int, name: str, A, Bt):
+        """(prototypes of the group's candidates at this module, which of them adapt it (None: all),
+        their A and Bt), once per plan and module; None when none adapts it. Decided on the host
+        from the experts themselves, so nothing is read back from the device."""
+        key = ("arrow", gi, name)
         if key not in self._cache:
-            protos = self.protos[name]
-            present = getattr(self.expert_set, "present", {}).get(name)
-            if g.cand is not None:
-                protos = protos.index_select(0, g.cand)
-                present = None if present is None else present.index_select(0, g.cand)
-            if present is not None and bool(present.all()):
-                present = None
-            if present is not None and not bool(present.any()):
-                protos = None
-            self._cache[key] = (protos, present)
+            experts = getattr(self.expert_set, "experts", None)
+            present = [experts is None or (experts[s] is not None and name in experts[s].A) for s in g.cand_list]
+            allowed = None if all(present) else torch.tensor(present, device=A.device)
+            got = (_take(self.protos[name], g.cand), allowed, _take(A, g.cand), _take(Bt, g.cand))
+            self._cache[key] = got if any(present) else None
         return self._cache[key]
 
     # -- what happened -------------------------------------------------------------------------
