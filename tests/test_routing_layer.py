@@ -590,8 +590,8 @@ class _NoSync(torch.utils._python_dispatch.TorchDispatchMode):
     """Fails on any operation that reads a value back from the device (or whose output shape
     depends on the values: on a GPU each of these waits for the device)."""
 
-    READ_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2", "bincount",
-                 "repeat_interleave", "argwhere"}
+    READ_BACK = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique_consecutive", "_unique2",
+                           "bincount", "repeat_interleave", "argwhere"})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__

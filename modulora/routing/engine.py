@@ -446,8 +446,9 @@ class Engine:
         kept = [active[i] for i in keep]
         finished = self._finish([r for r in rows if r.finish is not None])
         if kept:
-            idx = torch.tensor([expand[i] for i in kept], device=self.device)
-            if idx.tolist() != list(range(len(group))):
+            order = [expand[i] for i in kept]
+            idx = torch.tensor(order, device=self.device)
+            if order != list(range(len(group))):
                 cache.batch_select_indices(idx)
             nxt = torch.tensor([rows[i].tokens[-1] for i in kept], device=self.device)
             self._merge([rows[i] for i in kept], cache, mask[idx], nxt, offset[idx])

@@ -359,14 +359,28 @@ class RoutingPlan:
         # what report() reads, per row of the plan (however the batch was narrowed since): tokens
         # counted, and for Arrow rows the sum over them of each expert's weight, per module [rows, E]
         self.tokens_seen = torch.zeros(b, dtype=torch.float64, device=expert_set.device)
-        self.weight_sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps: dict[tuple[int, str], torch.Tensor] = {}  # decode steps: per group and module
         self._E = len(expert_set)
+        self.arrows: list[_ArrowGroup] = []
         self.select(list(range(b)))
+
+    @property
+    def weight_sums(self) -> dict[str, torch.Tensor]:
+        """module -> [rows of the plan, experts] (float64): each Arrow row's summed weight per expert."""
+        self._fold()
+        return self._sums
+
+    @weight_sums.setter
+    def weight_sums(self, value: dict[str, torch.Tensor]) -> None:
+        self._steps = {}
+        self._sums = value
 
     def select(self, rows: list[int]) -> None:
         """From the next forward on, the batch holds only these rows of the plan, in this order (a
         generation drops the rows that finished); reports still count each row's earlier tokens."""
         expert_set, device = self.expert_set, self.expert_set.device
+        self._fold()  # the decode steps' sums are kept per group: move them before the groups change
         self.origin = list(rows)
         self._origin = torch.tensor(self.origin, dtype=torch.long, device=device)
         self.b = len(rows)
@@ -426,9 +440,9 @@ class RoutingPlan:
     def _seq_weights(self, g: _SeqGroup, valid: torch.Tensor, t: int, dense: bool) -> torch.Tensor:
         """A sequence group's weights times validity for this forward, in its kernel's layout."""
         dtype = self.expert_set.dtype
-        if t == 1 and g is self.mix and not dense:  # per decode slot [U*C]
+        if t == 1 and g is self.mix and not dense:  # per decode slot [U, C, 1]
             v = valid[:, 0] if g.slot_rows is None else valid[:, 0].index_select(0, g.slot_rows)
-            return g.slot_w * v.to(dtype)
+            return (g.slot_w * v.to(dtype)).view(g.U, g.C, 1)
         v = (valid if g.rows is None else valid.index_select(0, g.rows)).to(dtype)
         if dense:                                                         # per column [rows*t, U*R]
             return (g.dense_w.unsqueeze(1) * v.unsqueeze(2)).reshape(-1, g.U * g.R)
@@ -467,8 +481,8 @@ class RoutingPlan:
         xe = x if x.dtype == self.expert_set.dtype else x.to(self.expert_set.dtype)
         xe = xe.reshape(b, t, -1)
         y3 = y.view(b, t, -1)
-        A, Bt = layer.experts_A, layer.experts_Bt
         name = layer.module_name
+        A, Bt = self.expert_set.A[name], self.expert_set.Bt[name]
         g = self.mix
         if g is not None:
             if fwd.dense:
@@ -536,18 +550,25 @@ class RoutingPlan:
     def _grouped(self, g: _SeqGroup, name, A, Bt, x, y3, slot_w):
         """Decode step: (row, expert) pairs grouped by expert, [U, C] slots; each used expert's
         weights read once, each row multiplied only by its own experts."""
-        A, Bt = self._used(g, name, A, Bt)
+        key = ("step", name)
+        if key not in self._cache:
+            A, Bt = self._used(g, name, A, Bt)
+            self._cache[key] = (A.transpose(1, 2), Bt)                    # [U, in, R], [U, R, out]
+        At, Bt = self._cache[key]
         b = x.shape[0]
-        xs = x.reshape(b, -1)
-        if g.slot_rows is not None:
-            xs = xs.index_select(0, g.slot_rows)
-        z = torch.bmm(xs.view(g.U, g.C, -1), A.transpose(1, 2))          # [U, C, R]
-        z.mul_(slot_w.view(g.U, g.C, 1))
-        if self._in_place(y3, g.slot_rows, z):
-            y3.view(g.U, g.C, -1).baddbmm_(z, Bt)
-        else:
-            ys = torch.bmm(z, Bt).view(g.U * g.C, -1)                     # [U*C, out]
-            self._add_rows(y3.view(b, -1), g.slot_rows, ys)
+        if g.slot_rows is None:                                           # slot i is row i
+            z = torch.bmm(x.reshape(g.U, g.C, -1), At)                    # [U, C, R]
+            z.mul_(slot_w)
+            if self._in_place(y3, None, z):
+                y3.view(g.U, g.C, -1).baddbmm_(z, Bt)
+            else:
+                self._add_rows(y3, None, torch.bmm(z, Bt).view_as(y3))
+            return
+        xs = x.reshape(b, -1).index_select(0, g.slot_rows)
+        z = torch.bmm(xs.view(g.U, g.C, -1), At)
+        z.mul_(slot_w)
+        ys = torch.bmm(z, Bt).view(g.U * g.C, -1)                         # [U*C, out]
+        self._add_rows(y3.view(b, -1), g.slot_rows, ys)
 
     def _rowwise_average(self, g: _SeqGroup, name, A, Bt, x, y3, wt):
         """(sum w B)(sum w A) per row; the averaged A and B are formed once per plan and module."""
@@ -582,20 +603,40 @@ class RoutingPlan:
         else:
             delta = arrow_mod.mixed_delta(xf, Ac, Btc, idx, w, average=g.average, coeff=coeff)
             self._add_rows(yf, tok.toks, delta)
-        self._count(g, name, coeff, tok)
+        self._count(g, gi, name, coeff, tok)
 
-    def _count(self, g: _ArrowGroup, name: str, coeff: torch.Tensor, tok: _ArrowTokens) -> None:
-        """Add each token's weight per expert to its row's sums for this module (on the device)."""
-        sums = self.weight_sums.get(name)
-        if sums is None:
-            sums = self.weight_sums[name] = torch.zeros(len(self.routes), self._E, dtype=torch.float64,
-                                                        device=coeff.device)
+    def _count(self, g: _ArrowGroup, gi: int, name: str, coeff: torch.Tensor, tok: _ArrowTokens) -> None:
+        """Add each token's weight per candidate to its row's sums for this module (on the device):
+        a decode step (one token per row of the group, in order) adds straight into the group's
+        own sums; a prompt adds into the plan's per row."""
         if tok.counted is not None:
             coeff = coeff * tok.counted.unsqueeze(1)
+        if tok.scale is not None:  # a decode step
+            steps = self._steps.get((gi, name))
+            if steps is None:
+                self._steps[(gi, name)] = coeff.to(torch.float64)
+            else:
+                steps.add_(coeff)
+            return
+        self._add_sums(g, name, tok.origin, coeff)
+
+    def _add_sums(self, g: _ArrowGroup, name: str, origin: torch.Tensor, coeff: torch.Tensor) -> None:
+        """sums[name][origin[i], candidates] += coeff[i]."""
+        sums = self._sums.get(name)
+        if sums is None:
+            sums = self._sums[name] = torch.zeros(len(self.routes), self._E, dtype=torch.float64,
+                                                  device=coeff.device)
         if isinstance(g.cand, torch.Tensor):
             coeff = coeff.new_zeros(coeff.shape[0], self._E).index_copy_(1, g.cand, coeff)
         target = sums if not isinstance(g.cand, slice) else sums[:, g.cand]
-        target.index_add_(0, tok.origin, coeff.to(sums.dtype))
+        target.index_add_(0, origin, coeff.to(sums.dtype))
+
+    def _fold(self) -> None:
+        """Move the decode steps' sums of the current groups into the plan's."""
+        for (gi, name), steps in self._steps.items():
+            g = self.arrows[gi]
+            self._add_sums(g, name, self._origin if g.all_rows else self._origin.index_select(0, g.rows), steps)
+        self._steps = {}
 
     def _arrow_candidates(self, g: _ArrowGroup, gi: int, name: str, A, Bt):
         """(prototypes of the group's candidates at this module, which of them adapt it (None: all),
@@ -627,8 +668,9 @@ class RoutingPlan:
         n = float(self.tokens_seen[row])
         per_module = {}
         total = torch.zeros(self._E, dtype=torch.float64)
+        sums = self.weight_sums
         for m in modules:
-            s = self.weight_sums.get(m)
+            s = sums.get(m)
             mean = torch.zeros(self._E, dtype=torch.float64) if s is None or n == 0 else s[row].cpu() / n
             total += mean
             per_module[m] = _named(mean, names)
