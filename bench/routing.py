@@ -405,7 +405,9 @@ class LayerClock:
         self.plan_cls, self.arrow_mod = layer_mod.RoutingPlan, arrow_mod
         self.real = (self.plan_cls.apply, arrow_mod.route_tokens)
         self.reset()
-        self.plan_cls.apply, arrow_mod.route_tokens = self._apply, self._route
+        # plain functions (not bound methods) so the plan still arrives as the first argument
+        self.plan_cls.apply = lambda plan, layer, x, y: self._apply(plan, layer, x, y)
+        arrow_mod.route_tokens = lambda *args, **kwargs: self._route(*args, **kwargs)
 
     def reset(self) -> None:
         self.t = {"apply": [0.0, 0.0], "route": [0.0, 0.0]}  # [prompt, decode] seconds
