@@ -141,12 +141,16 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class Client(threading.Thread):
-    """Chat completions for one adapter in a loop until `stop_at`; records latency, tokens, failures."""
+    """Chat completions in a loop until `stop_at`, cycling through the adapters from `first` (so
+    that every level sends the same mix of adapters and prompts, whatever its number of clients);
+    records latency, tokens, failures."""
 
-    def __init__(self, url: str, model: str, prompts: list[str], stop_at: float, max_tokens: int,
-                 extra: dict | None = None):
+    def __init__(self, url: str, names: list[str], prompts: dict[str, list[str]], first: int, stop_at: float,
+                 max_tokens: int, extra: dict | None = None):
         super().__init__(daemon=True)
-        self.url, self.model, self.prompts, self.stop_at, self.max_tokens = url, model, prompts, stop_at, max_tokens
+        self.url, self.names, self.prompts, self.first = url, names, prompts, first
+        self.stop_at, self.max_tokens = stop_at, max_tokens
+        self.used: set[str] = set()
         self.extra = extra or {}
         self.latencies: list[float] = []
         self.tokens = 0
@@ -157,9 +161,13 @@ class Client(threading.Thread):
         i = 0
         with httpx.Client(base_url=self.url, timeout=300) as c:
             while time.perf_counter() < self.stop_at:
-                body = {"model": self.model, "max_tokens": self.max_tokens,
-                        "messages": [{"role": "user", "content": self.prompts[i % len(self.prompts)]}], **self.extra}
+                model = self.names[(self.first + i) % len(self.names)]
+                prompts = self.prompts[model]
+                body = {"model": model, "max_tokens": self.max_tokens,
+                        "messages": [{"role": "user", "content": prompts[(i // len(self.names)) % len(prompts)]}],
+                        **self.extra}
                 i += 1
+                self.used.add(model)
                 t = time.perf_counter()
                 try:
                     r = c.post("/v1/chat/completions", json=body)
@@ -195,8 +203,7 @@ class ServerWatch(CpuWatch):
 
 def run_clients(url, names, prompts, n, seconds, max_tokens, extra=None):
     stop_at = time.perf_counter() + seconds
-    clients = [Client(url, names[i % len(names)], prompts[names[i % len(names)]], stop_at, max_tokens, extra)
-               for i in range(n)]
+    clients = [Client(url, names, prompts, i, stop_at, max_tokens, extra) for i in range(n)]
     t0 = time.perf_counter()
     for c in clients:
         c.start()
@@ -221,7 +228,7 @@ def throughput(url, names, prompts, levels, seconds, max_tokens, watch, extra=No
         mean_join = delta_mean(before, after, "modulora_batch_size")
         rps[n] = len(lat) / wall
         tps[n] = tokens / wall
-        rows.append([str(n), ", ".join(sorted({c.model for c in clients})), str(len(lat)), str(fails),
+        rows.append([str(n), ", ".join(sorted(set().union(*(c.used for c in clients)))), str(len(lat)), str(fails),
                      f"{wall:.1f}", f"{len(lat) / wall:.2f}", f"{tokens / wall:.1f}", f"{pct(lat, 0.5):.2f}",
                      f"{pct(lat, 0.95):.2f}", f"{mean_rows:.2f}", f"{mean_join:.2f}",
                      f"{tokens / max(1, len(lat)):.1f}"])
@@ -233,7 +240,7 @@ def throughput(url, names, prompts, levels, seconds, max_tokens, watch, extra=No
         print(rows[-1], flush=True)
         for c in clients:
             for f in c.failures[:3]:
-                print("  failure:", c.model, f, flush=True)
+                print("  failure:", f, flush=True)
     return rows, rps, tps
 
 
@@ -512,7 +519,7 @@ def main() -> None:
         f"({len(originals)} LoRA adapters: {', '.join(originals)}); up in {startup:.0f} s. "
         f"Clients: threads with one `httpx.Client` each, `POST /v1/chat/completions`, max_tokens "
         f"{args.max_tokens}, greedy, short prompts of the demo tasks (the adapter's own task); client i asks "
-        f"for adapter i mod {len(names)}, and loops for {args.seconds:.0f} s per level (requests in flight at "
+        f"for adapters i, i+1, ... (mod {len(names)}) in turn, so every level sends the same mix, and loops for {args.seconds:.0f} s per level (requests in flight at "
         f"the end are awaited and counted; rates are over that wall time). One {len(names)}-client warm-up of "
         f"2 s first, not counted. The server batches continuously (requests join the running batch between "
         f"decode steps): rows/step is the mean of `modulora_decode_batch_size` and joined/prefill the mean of "
