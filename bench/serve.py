@@ -448,7 +448,7 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     mb = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
-    goals = [[f"{levels[-1]}-client vs {levels[0]}-client throughput", ">= 3x", f"{ratio:.2f}x", met(ratio >= 3)]]
+    goals = [[f"{levels[-1]}-client vs {levels[0]}-client throughput", ">= 4x", f"{ratio:.2f}x", met(ratio >= 4)]]
     soak_text = ""
     if s is not None:
         soak_fail = len(s["fails"]) + len(s["upload_fail"]) + len(s["delete_fail"]) + len(s["probe_fail"])

@@ -201,8 +201,9 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU fp32 weights, with bf16 "
-                        "autocast where the CPU has native bf16 (faster; fp32 gives exact logits); fp16: GPUs only")
+                   help="auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU fp32, training under bf16 "
+                        "autocast where the CPU has native bf16 (faster steps; generation stays fp32, where autocast "
+                        "is slower); bf16 on a CPU: autocast everywhere; fp16: GPUs only")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:

@@ -1,14 +1,17 @@
 """Where a base model runs and in what precision: one answer for every command.
 
     compute = resolve("auto", "auto")   # CUDA -> bf16 weights (fp16 where bf16 is missing);
-                                        # Apple MPS -> fp16; a CPU -> fp32 weights, with bf16
-                                        # autocast where the CPU has native bf16 matmuls
-    with compute.autocast():            # what training, evaluation and the engine run under
+                                        # Apple MPS -> fp16; a CPU -> fp32
+    with compute.autocast():            # what evaluation and the engine run under
         ...
 
 On a CPU the weights stay fp32 and `bf16` means autocast: trained adapters keep fp32 master
-weights, and CPUs without native bf16 (AVX512-BF16 or AMX) would only get slower. On a GPU the
-weights themselves are bf16/fp16 (half the memory, the tensor cores' native types).
+weights, and CPUs without native bf16 (AVX512-BF16 or AMX) would only get slower. Autocast casts
+the fp32 weights to bf16 in every forward, which pays off only in large forwards: `auto` turns it
+on for training (`training=True`: 1.4x faster steps where the CPU has native bf16) and leaves it
+off for generation, whose decode steps of a few rows pay the cast in full (serving measured
+0.45x fp32's requests/s for one client, 0.88x for 16: bench/results/precision.md). On a GPU
+the weights themselves are bf16/fp16 (half the memory, the tensor cores' native types).
 """
 
 from __future__ import annotations
@@ -98,8 +101,9 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Compute:
-    """The Compute for a device and a precision (`auto`, `bf16`, `fp16`, `fp32`, or a torch dtype)."""
+def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", training: bool = False) -> Compute:
+    """The Compute for a device and a precision (`auto`, `bf16`, `fp16`, `fp32`, or a torch dtype);
+    `training`: what `auto` means for training forwards (bf16 autocast on a CPU with native bf16)."""
     dev = resolve_device(device)
     name = _NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else {"float32": "fp32", "bfloat16": "bf16",
                                                                            "float16": "fp16"}.get(dtype, dtype)
@@ -108,7 +112,7 @@ def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "aut
     if dev.type == "cpu":
         if name == "fp16":
             raise ComputeError("fp16 is for GPUs; on a CPU use bf16 (autocast) or fp32")
-        use_bf16 = name == "bf16" or (name == "auto" and cpu_has_bf16())
+        use_bf16 = name == "bf16" or (name == "auto" and training and cpu_has_bf16())
         return Compute(dev, torch.float32, torch.bfloat16 if use_bf16 else None)
     if name == "auto":
         bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -65,8 +65,8 @@ class TrainConfig:
 
 
 def autocast_for(dtype: str, device: torch.device | str = "cpu"):
-    """The autocast a training or evaluation forward runs in (`modulora.compute.resolve`)."""
-    return resolve(device, dtype).autocast()
+    """The autocast a training forward runs in (`modulora.compute.resolve`)."""
+    return resolve(device, dtype, training=True).autocast()
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -11,10 +11,15 @@ from modulora.routing.engine import Engine
 from modulora.routing.requests import EngineRequest, SamplingParams
 
 
-def test_a_cpu_keeps_fp32_weights_and_autocasts_bf16_where_it_is_native():
+def test_a_cpu_keeps_fp32_weights_and_autocasts_bf16_for_training_where_it_is_native():
+    """`auto` on a CPU: generation in fp32 (autocast's per-forward weight cast makes decode steps
+    slower), training under bf16 autocast where the CPU has native bf16."""
     auto = resolve("cpu", "auto")
-    assert auto.weights == torch.float32
-    assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert auto.weights == torch.float32 and auto.autocast_dtype is None
+    train = resolve("cpu", "auto", training=True)
+    assert train.weights == torch.float32
+    assert train.autocast_dtype == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert load_base("tiny").compute.describe() == "cpu fp32"
     assert resolve("cpu", "bf16").autocast_dtype == torch.bfloat16
     assert resolve("cpu", "fp32").autocast_dtype is None and resolve("cpu", "fp32").describe() == "cpu fp32"
     assert resolve("cpu", "bf16").describe() == "cpu fp32 (bf16 autocast)"
