@@ -83,8 +83,10 @@ def test_learned_router_fits_and_keeps_its_threshold(lib4, tiny):
     routes, best = again.route_scored(texts + spanish, exclude=None)
     probs = [s for _, s in best]
     assert all(0 < p <= 1 for p in probs)
-    decisions = Router(tiny, lib4).resolve_traced(texts[:3] + spanish[:3], ["learned"] * 6, fallback="arrow")[1]
-    for d, p in zip(decisions, probs[:3] + probs[len(texts):len(texts) + 3]):
+    some = texts[:3] + spanish[:3]
+    decisions = Router(tiny, lib4).resolve_traced(some, ["learned"] * 6, fallback="arrow")[1]
+    # the same texts in the same batch (bf16 matmuls on AMX round differently for other batch sizes)
+    for d, (_, p) in zip(decisions, again.route_scored(some, exclude=None)[1]):
         assert d.score == pytest.approx(p, abs=1e-6) and d.abstained == (p < fitted.threshold)
 
 

@@ -13,7 +13,7 @@ Every embedder has the same small interface, so a router does not care which one
   thread); on a CPU with native bf16 (AVX512-BF16 or AMX) its weights are bf16, which halves
   that time (vectors within 2e-3 of fp32's, cosine to them > 0.9999). Texts are embedded in
   batches of equal token length, so no text is padded and a text's vector is the same alone
-  or in any batch.
+  or in any batch up to rounding (bf16 kernels on AMX block differently by batch size).
 - `BaseEmbedder`: the base model's own last hidden states, mean-pooled the same way. Needs no
   extra package; it routes worse (see the routing notes), so it is the fallback.
 """
