@@ -226,23 +226,15 @@ def _pair_delta(x, A, Bt, idx, w, average, out=None):
 
 
 def _used_delta(x, A, Bt, idx, w, used, average, out=None):
-    """One product over the used experts; each token's unselected experts get weight 0."""
-    E, R, d_in = A.shape
-    U = used.numel()
+    """One product over the used experts (`dense_delta` on them); each token's unselected experts
+    get weight 0."""
+    E, U = A.shape[0], used.numel()
     if U < E:
         A, Bt = A.index_select(0, used), Bt.index_select(0, used)
         lut = torch.full((E,), -1, dtype=torch.long, device=idx.device)
         lut[used] = torch.arange(U, device=idx.device)
         idx = lut[idx]
-    coeff = x.new_zeros(x.shape[0], U).scatter_(1, idx, w)                # [N, U]
-    z = (x @ A.reshape(U * R, d_in).T).view(-1, U, R)                     # [N, U, R]
-    if average:
-        zbar = torch.einsum("nu,nur->nr", coeff, z)                       # (sum w A) x
-        z = coeff.unsqueeze(-1) * zbar.unsqueeze(1)                       # feeds sum w B
-    else:
-        z.mul_(coeff.unsqueeze(-1))
-    z, Bt = z.view(-1, U * R), Bt.reshape(U * R, -1)
-    return z @ Bt if out is None else out.addmm_(z, Bt)
+    return dense_delta(x, A, Bt, coefficients(idx, w.to(x.dtype), U), average, out)
 
 
 def _sorted_delta(x, A, Bt, idx, w, counts, average, out=None):
