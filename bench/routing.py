@@ -207,6 +207,15 @@ class NoEosBase:
         self.tokenizer = NoEosTokenizer(base.tokenizer)
 
 
+PRECISION = {"dtype": "fp32"}  # --dtype: the precision every model of the generation benchmark runs in
+
+
+def bench_base():
+    """SmolLM2 as the generation benchmark runs it: fp32, or bf16 weights (`--dtype bf16`, what
+    `modulora serve` loads on a CPU with AMX)."""
+    return load_base(dtype=PRECISION["dtype"], serving=True)
+
+
 def routed_methods(tok, dirs, names, arrow, k):
     """The same routes through `generate_routed`: name -> (callable, model to clock)."""
     from modulora.routing.batch import generate_routed
@@ -223,7 +232,7 @@ def routed_methods(tok, dirs, names, arrow, k):
             return EngineRequest(text, route, params=SamplingParams(max_tokens=n))
 
     E = len(names)
-    base = NoEosBase(load_base(dtype="fp32"))
+    base = NoEosBase(bench_base())
     expert_set = ExpertSet(load_experts_from_dirs(dirs))
     kwargs = {}
     if "engine" in inspect.signature(generate_routed).parameters:  # the engine's tree: keep one
@@ -276,20 +285,20 @@ def build_methods(args, tok, dirs, names):
     k = min(4, E)
     pad = tok.pad_token_id
 
-    plain = load_base(dtype="fp32").model
-    ours = load_base(dtype="fp32").model
+    plain = bench_base().model
+    ours = bench_base().model
     expert_set = ExpertSet(load_experts_from_dirs(dirs))
     install(ours, expert_set)
     prototypes(expert_set)  # Arrow prototypes: computed once per expert set, not per request
 
     if not args.skip_peft:
-        peft_lora = PeftModel.from_pretrained(load_base(dtype="fp32").model, str(dirs[0]), adapter_name=names[0])
+        peft_lora = PeftModel.from_pretrained(bench_base().model, str(dirs[0]), adapter_name=names[0])
         for d, n in zip(dirs[1:], names[1:]):
             peft_lora.load_adapter(str(d), adapter_name=n)
         peft_lora.eval()
 
         arrow_cfg = ArrowConfig(top_k=k, router_temperature=args.temperature, use_gks=False, rng_seed=0)
-        peft_arrow = create_arrow_model(load_base(dtype="fp32").model, [str(d) for d in dirs], arrow_cfg)
+        peft_arrow = create_arrow_model(bench_base().model, [str(d) for d in dirs], arrow_cfg)
         peft_arrow.eval()
     else:
         peft_lora = peft_arrow = None
@@ -762,7 +771,7 @@ def report(args, times, split, outputs, check, k, ret, watch: CpuWatch, prof: di
 
 Command: `{cmd}`
 
-Hardware: {cpu_model()}, {args.threads} threads (torch.set_num_threads), fp32; {os.cpu_count()} cores visible,
+Hardware: {cpu_model()}, {args.threads} threads (torch.set_num_threads), {"fp32" if PRECISION["dtype"] == "fp32" else "bf16 weights"}; {os.cpu_count()} cores visible,
 shared with other jobs (load average over 1 minute {args.load[0][0]:.2f} at the start, {args.load[1][0]:.2f}
 at the end). Every measurement was taken on a quiet machine: before each, the script waited until other
 processes used under {args.quiet_threshold} cores, and it measured again whenever they used more meanwhile
@@ -848,6 +857,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: every model with bf16 weights (what serve loads on a CPU with AMX); results "
+                         "go to routing_bf16.md")
     ap.add_argument("--temperature", type=float, default=1.0, help="Arrow temperature (both implementations)")
     ap.add_argument("--b-std", type=float, default=0.02, help="std of the random lora_B values")
     ap.add_argument("--library-size", type=int, default=1000)
@@ -874,7 +886,8 @@ def main() -> None:
     elif args.quick:  # a smoke run must not overwrite the benchmark's results
         out = Path(tempfile.gettempdir()) / "modulora-routing-quick.md"
     else:
-        out = Path(__file__).parent / "results" / "routing.md"
+        out = Path(__file__).parent / "results" / ("routing.md" if args.dtype == "fp32" else f"routing_{args.dtype}.md")
+    PRECISION["dtype"] = args.dtype
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()

@@ -367,6 +367,13 @@ def library_whole(lib_path: Path, expect_live: list[str], originals: list[str]) 
     return ok, notes
 
 
+def serving_precision() -> str:
+    """What `modulora serve --dtype auto` runs the base in on this machine (modulora.compute)."""
+    from modulora.compute import resolve
+
+    return resolve("auto", "auto", serving=True).describe()
+
+
 def versions() -> str:
     out = []
     for p in ("torch", "transformers", "peft", "fastapi", "uvicorn", "httpx"):
@@ -515,7 +522,7 @@ def main() -> None:
         f"other processes' load during the kept levels: max {max(watch.accepted, default=0):.2f} cores{busy}). "
         f"{versions()}.\n\n"
         f"Server: `modulora --library COPY serve --port P --log-level warning` as a subprocess (defaults: "
-        f"max batch 16, batch wait 10 ms, queue 64), on a copy of `{args.library}` "
+        f"max batch 16, batch wait 10 ms, queue 64, --dtype auto: {serving_precision()}), on a copy of `{args.library}` "
         f"({len(originals)} LoRA adapters: {', '.join(originals)}); up in {startup:.0f} s. "
         f"Clients: threads with one `httpx.Client` each, `POST /v1/chat/completions`, max_tokens "
         f"{args.max_tokens}, greedy, short prompts of the demo tasks (the adapter's own task); client i asks "

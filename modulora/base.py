@@ -34,6 +34,7 @@ class Base:
     name: str
     fingerprint: dict
     compute: Compute = CPU_FP32  # the device, weight dtype and autocast the model runs with
+    serving: bool = False        # loaded to generate only (`load_base(serving=True)`)
 
 
 def home() -> Path:
@@ -96,14 +97,15 @@ def _gguf_to_cache(gguf: Path) -> Path:
 
 
 def load_base(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "auto",
-              dtype: str | torch.dtype = "auto") -> Base:
+              dtype: str | torch.dtype = "auto", serving: bool = False) -> Base:
     """Load a base model: a Hugging Face directory or id, a .gguf file, `tiny`, or the bundled
     SmolLM2, on `device` (auto, cpu, cuda[:N], mps) in `dtype` (auto, bf16, fp16, fp32; see
-    `modulora.compute.resolve`: on a CPU the weights stay fp32 and bf16 is autocast)."""
+    `modulora.compute.resolve`). `serving`: the base will only generate, never train, so on a
+    CPU with AMX `auto` loads bf16 weights (elsewhere a CPU keeps fp32 and bf16 is autocast)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        compute = resolve(device, dtype)
+        compute = resolve(device, dtype, serving=serving)
     except ComputeError as e:
         raise BaseModelError(str(e)) from None
     torch_dtype = compute.weights
@@ -145,7 +147,7 @@ def load_base(name_or_path: str | os.PathLike | None = None, device: str | torch
         p.requires_grad_(False)
     fp = fingerprint(model)  # before moving: the same on every device
     model.to(compute.device)
-    return Base(model=model, tokenizer=tok, name=name, fingerprint=fp, compute=compute)
+    return Base(model=model, tokenizer=tok, name=name, fingerprint=fp, compute=compute, serving=serving)
 
 
 def _check_architecture(model: nn.Module) -> None:

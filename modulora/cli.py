@@ -61,7 +61,7 @@ def cmd_generate(args) -> None:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop))
     params.validate()
-    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    base = load_base(args.base, device=args.device, dtype=args.dtype, serving=True)
     if args.route:
         from .routing.api import Router, explain_lines
 
@@ -112,7 +112,7 @@ def cmd_router(args) -> None:
         fitted = RetrievalRouter(lib).calibrate(args.max_in_domain_abstain)
         print(f"fitted the retrieval router's abstention threshold; saved in {lib.root}\n{table(fitted)}")
         return
-    base = load_base(args.base, device=args.device, dtype=args.dtype) if args.embedder == "base" else None
+    base = load_base(args.base, device=args.device, dtype=args.dtype, serving=True) if args.embedder == "base" else None
     embedder = None
     if base is not None:
         from .routing.embed import BaseEmbedder
@@ -147,7 +147,7 @@ def cmd_eval(args) -> None:
         from .cluster import check
 
         check(ray)  # before the model loads
-    results = evaluate(load_base(args.base, device=args.device, dtype=args.dtype), tasks, methods, args.out,
+    results = evaluate(load_base(args.base, device=args.device, dtype=args.dtype, serving=True), tasks, methods, args.out,
                        library=lib, batch_size=args.batch_size, ray=ray)
     print(results.markdown())
     if args.show:
@@ -201,9 +201,10 @@ def add_compute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU, else Apple MPS, else the CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU fp32, training under bf16 "
-                        "autocast where the CPU has native bf16 (faster steps; generation stays fp32, where autocast "
-                        "is slower); bf16 on a CPU: autocast everywhere; fp16: GPUs only")
+                   help="auto: bf16 on a GPU (fp16 where bf16 is missing); on a CPU: serve, generate and eval load "
+                        "bf16 weights where the CPU has AMX (else fp32), training keeps fp32 weights under bf16 "
+                        "autocast where the CPU has native bf16; bf16 on a CPU: bf16 weights to generate, autocast "
+                        "to train; fp16: GPUs only")
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:

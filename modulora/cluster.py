@@ -65,6 +65,7 @@ class WorkerBase:
     dtype: str
     threads: int
     fingerprint: str
+    serving: bool = False  # loaded as the driver's was (`load_base(serving=...)`)
 
 
 def worker_base(base, device: str, dtype: str, options: RayOptions) -> WorkerBase:
@@ -76,7 +77,8 @@ def worker_base(base, device: str, dtype: str, options: RayOptions) -> WorkerBas
     if name != BUNDLED and tiny_family(name) is None and Path(name).exists():
         name = str(Path(name).resolve())  # a model folder or file: workers start in another directory
     return WorkerBase(name=name, device=unit_device(device, options), dtype=dtype,
-                      threads=max(1, int(options.num_cpus)), fingerprint=base.fingerprint["id"])
+                      threads=max(1, int(options.num_cpus)), fingerprint=base.fingerprint["id"],
+                      serving=getattr(base, "serving", False))
 
 
 def unit_device(device: str, options: RayOptions) -> str:
@@ -109,13 +111,13 @@ def load_worker_base(spec: WorkerBase):
     import torch
 
     torch.set_num_threads(spec.threads)  # as many threads as the unit reserved CPUs
-    key = (spec.name, spec.device, spec.dtype)
+    key = (spec.name, spec.device, spec.dtype, spec.serving)
     if key not in _BASES:
         from .base import load_base
 
         _BASES.clear()
         _ROUTERS.clear()
-        _BASES[key] = load_base(spec.name, device=spec.device, dtype=spec.dtype)
+        _BASES[key] = load_base(spec.name, device=spec.device, dtype=spec.dtype, serving=spec.serving)
     base = _BASES[key]
     if base.fingerprint["id"] != spec.fingerprint:
         raise ClusterError(f"base {spec.name!r} on this node has fingerprint {base.fingerprint['id']}, the "

@@ -5,13 +5,17 @@
     with compute.autocast():            # what evaluation and the engine run under
         ...
 
-On a CPU the weights stay fp32 and `bf16` means autocast: trained adapters keep fp32 master
-weights, and CPUs without native bf16 (AVX512-BF16 or AMX) would only get slower. Autocast casts
-the fp32 weights to bf16 in every forward, which pays off only in large forwards: `auto` turns it
-on for training (`training=True`: 1.4x faster steps where the CPU has native bf16) and leaves it
-off for generation, whose decode steps of a few rows pay the cast in full (serving measured
-0.45x fp32's requests/s for one client, 0.88x for 16: bench/results/precision.md). On a GPU
-the weights themselves are bf16/fp16 (half the memory, the tensor cores' native types).
+On a GPU the weights themselves are bf16/fp16 (half the memory, the tensor cores' native types).
+On a CPU it depends on what the base is for:
+
+- training (`training=True`): fp32 weights, and `auto` / `bf16` train under bf16 autocast where
+  the CPU has native bf16 (AVX512-BF16 or AMX): 1.4x faster steps, the residual stream in fp32;
+- serving (`serving=True`: a base that only generates, as `modulora serve`, `generate` and `eval`
+  load it): `auto` means bf16 weights on CPUs with AMX, `bf16` means bf16 weights anywhere. AMX
+  multiplies bf16 matrices 3-5x faster than fp32 ones from a dozen rows on (bench/results/precision.md);
+  autocast would re-cast the fp32 weights in every forward, which made serving slower (0.45x);
+- both (the default: a base that trains and then evaluates, as the experiments use it): fp32,
+  `bf16` meaning autocast, so its evaluation matches what it was trained in.
 """
 
 from __future__ import annotations
@@ -66,6 +70,16 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """AMX tiles (Intel Xeon from Sapphire Rapids on): bf16 matrix products several times faster
+    than fp32 ones; only AMX was measured to pay off for bf16 weights in generation."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` (CUDA, else MPS, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`, checked against
     what this torch and machine have."""
@@ -101,9 +115,10 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", training: bool = False) -> Compute:
+def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", training: bool = False,
+            serving: bool = False) -> Compute:
     """The Compute for a device and a precision (`auto`, `bf16`, `fp16`, `fp32`, or a torch dtype);
-    `training`: what `auto` means for training forwards (bf16 autocast on a CPU with native bf16)."""
+    on a CPU, `training` / `serving` say what the base is for (see the module's docstring)."""
     dev = resolve_device(device)
     name = _NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else {"float32": "fp32", "bfloat16": "bf16",
                                                                            "float16": "fp16"}.get(dtype, dtype)
@@ -112,6 +127,9 @@ def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "aut
     if dev.type == "cpu":
         if name == "fp16":
             raise ComputeError("fp16 is for GPUs; on a CPU use bf16 (autocast) or fp32")
+        if serving and not training:
+            bf16 = name == "bf16" or (name == "auto" and cpu_has_amx())
+            return Compute(dev, torch.bfloat16 if bf16 else torch.float32, None)
         use_bf16 = name == "bf16" or (name == "auto" and training and cpu_has_bf16())
         return Compute(dev, torch.float32, torch.bfloat16 if use_bf16 else None)
     if name == "auto":
@@ -120,4 +138,4 @@ def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "aut
     return Compute(dev, _TORCH[name], None)
 
 
-__all__ = ["Compute", "ComputeError", "CPU_FP32", "DTYPES", "cpu_has_bf16", "resolve", "resolve_device"]
+__all__ = ["Compute", "ComputeError", "CPU_FP32", "DTYPES", "cpu_has_amx", "cpu_has_bf16", "resolve", "resolve_device"]

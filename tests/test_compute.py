@@ -6,25 +6,54 @@ import torch
 
 from modulora.base import BaseModelError, load_base
 from modulora.cli import main
-from modulora.compute import ComputeError, cpu_has_bf16, resolve
+from modulora.compute import ComputeError, cpu_has_amx, cpu_has_bf16, resolve
+from modulora.routing.arrow import Arrow
 from modulora.routing.engine import Engine
+from modulora.routing.experts import load_experts
 from modulora.routing.requests import EngineRequest, SamplingParams
 
 
-def test_a_cpu_keeps_fp32_weights_and_autocasts_bf16_for_training_where_it_is_native():
-    """`auto` on a CPU: generation in fp32 (autocast's per-forward weight cast makes decode steps
-    slower), training under bf16 autocast where the CPU has native bf16."""
-    auto = resolve("cpu", "auto")
-    assert auto.weights == torch.float32 and auto.autocast_dtype is None
+def test_a_cpu_precision_follows_what_the_base_is_for():
+    """On a CPU: training keeps fp32 weights under bf16 autocast where bf16 is native; a base that
+    only serves gets bf16 weights under `auto` where the CPU has AMX; a base that does both (the
+    default) stays fp32, `bf16` meaning autocast."""
+    both = resolve("cpu", "auto")
+    assert both.weights == torch.float32 and both.autocast_dtype is None
     train = resolve("cpu", "auto", training=True)
     assert train.weights == torch.float32
     assert train.autocast_dtype == (torch.bfloat16 if cpu_has_bf16() else None)
+    serve = resolve("cpu", "auto", serving=True)
+    assert serve.weights == (torch.bfloat16 if cpu_has_amx() else torch.float32) and serve.autocast_dtype is None
+    assert resolve("cpu", "bf16", serving=True).describe() == "cpu bf16"
+    assert resolve("cpu", "fp32", serving=True).describe() == "cpu fp32"
+    assert resolve("cpu", "bf16", training=True, serving=True).describe() == "cpu fp32 (bf16 autocast)"
     assert load_base("tiny").compute.describe() == "cpu fp32"
     assert resolve("cpu", "bf16").autocast_dtype == torch.bfloat16
     assert resolve("cpu", "fp32").autocast_dtype is None and resolve("cpu", "fp32").describe() == "cpu fp32"
     assert resolve("cpu", "bf16").describe() == "cpu fp32 (bf16 autocast)"
     assert resolve("auto", "fp32").device.type == ("cuda" if torch.cuda.is_available() else
                                                     "mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def test_a_serving_base_in_bf16_answers_a_mixed_batch_as_each_request_alone(random_library, tmp_path):
+    """bf16 weights on a CPU (what `modulora serve` loads on a CPU with AMX): fixed, mixed and
+    Arrow routes batched together give each request's own tokens, log-probabilities within bf16
+    rounding, and the forwards really ran with bf16 weights."""
+    lib = random_library(tmp_path, ("a", "b", "c"))
+    base = load_base("tiny", device="cpu", dtype="bf16", serving=True)
+    assert base.serving and next(base.model.parameters()).dtype == torch.bfloat16
+    eng = Engine(base)
+    eng.use_experts(load_experts(lib, fingerprint=base.fingerprint))
+    jobs = [("hello there", {"a": 1.0}), ("Peru", {"b": 1.0}), ("12 + 30", Arrow(top_k=2)), ("x y", None),
+            ("apple", {"a": 0.5, "c": 0.5})]
+    make = lambda p, r: EngineRequest(p, r, params=SamplingParams(max_tokens=8, logprobs=1))  # noqa: E731
+    alone = [eng.run([make(p, r)])[0] for p, r in jobs]
+    together = eng.run([make(p, r) for p, r in jobs])
+    for a, b in zip(alone, together):
+        assert a.samples[0].token_ids == b.samples[0].token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.samples[0].logprobs, b.samples[0].logprobs)) < 0.1
+    assert len({tuple(a.samples[0].token_ids) for a in alone}) > 1  # the routes do answer differently
+    eng.release()
 
 
 @pytest.mark.parametrize("device,dtype,words", [

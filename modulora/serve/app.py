@@ -687,7 +687,7 @@ def cmd_serve(args) -> None:
 
     configure(args.log_format)
     keep_freed_memory()
-    base = load_base(args.base, device=args.device, dtype=args.dtype)
+    base = load_base(args.base, device=args.device, dtype=args.dtype, serving=True)
     app = create_app(base, Library(args.library), api_key=args.api_key, max_batch=args.max_batch,
                      batch_wait_ms=args.batch_wait_ms, queue_size=args.queue_size,
                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
