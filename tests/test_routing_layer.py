@@ -653,3 +653,58 @@ def test_a_decode_step_reads_nothing_back_from_the_device(setup, batch, monkeypa
             finally:
                 monkeypatch.undo()
         assert plan.tokens_seen.tolist() == (mask.sum(1) + m2[:, -1]).tolist()
+
+
+def test_a_bf16_prompt_multiplies_its_experts_in_bf16_and_a_decode_step_in_fp32(setup, batch):
+    """A bf16 base (what serve loads on a CPU with AMX): a prompt multiplies the experts in bf16,
+    on copies the slots make once, with no cast of the activations; a decode step of a few rows
+    stays in the set's fp32. Both give each row its own composition within bf16 rounding."""
+    ids, mask = batch
+    es, experts = setup["es"], setup["experts"]
+    model = fresh().to(torch.bfloat16)
+    install(model, es)
+    routes = [{"e0": 0.3, "e1": 0.7}, Arrow(top_k=2), {"e2": 1.0}, None]
+    plan = RoutingPlan(es, routes, ["mixture", "mixture", "average", "mixture"])
+    cap = Capture(model, MODS)
+    try:
+        logits, cache = step(model, plan, ids, mask)
+        assert {d for (_, d) in es._copies} == {torch.bfloat16}   # the prompt's products
+        copies = dict(es._copies)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        step(model, plan, nxt, torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1), cache)
+        assert es._copies.keys() == copies.keys()                  # no copy made for the decode step
+        assert all(es.stacks(m, d)[0] is copies[(m, d)][0] for m, d in copies)  # made once
+    finally:
+        cap.close()
+        uninstall(model)
+    for module in MODS:
+        for x, y, mod in cap.calls[module]:
+            assert y.dtype == torch.bfloat16
+            x = x.float()
+            delta = y.float() - F.linear(x, mod.weight.float())
+            for i, route in enumerate(routes[:3:2] + routes[3:]):
+                row = [0, 2, 3][i]
+                want = (torch.zeros_like(delta[row]) if route is None else
+                        seq_delta(experts, route, ["mixture", "average", "mixture"][i], module, x[row]))
+                want = want * (mask[row].bool().unsqueeze(-1) if x.shape[1] > 1 else 1)
+                scale = y[row].float().abs().max()
+                assert (delta[row] - want).abs().max() < 0.02 * scale, (module, row)
+            other = seq_delta(experts, {"e3": 1.0}, "mixture", module, x[2])
+            assert (other - delta[2]).abs().max() > 0.05 * y[2].float().abs().max()  # a mix-up would show
+
+
+def test_the_slots_copy_their_stacks_again_after_a_change(setup):
+    from modulora.routing.slots import ExpertSlots
+
+    experts = setup["experts"]
+    slots = ExpertSlots(capacity=4)
+    slots.load(experts["e0"])
+    m = MODS[0]
+    first = slots.stacks(m, torch.bfloat16)
+    assert first[0].dtype == torch.bfloat16 and slots.stacks(m, torch.bfloat16)[0] is first[0]
+    assert slots.stacks(m, torch.float32)[0] is slots.A[m]
+    slot = slots.load(experts["e1"])
+    again = slots.stacks(m, torch.bfloat16)
+    assert again[0] is not first[0]
+    torch.testing.assert_close(again[0][slot].float(), slots.A[m][slot], atol=1e-2, rtol=1e-2)
+    assert again[0][slot].abs().sum() > 0

@@ -46,6 +46,8 @@ class ExpertSlots:
         self._protos: dict[str, torch.Tensor] = {}  # module -> [capacity, in], filled per slot on demand
         self._proto_done: set[int] = set()
         self.version = 0  # bumped on every change: plans and caches built on the old contents are stale
+        self._copies: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}  # stacks()
+        self._copies_version = 0
 
     # -- the old ExpertSet's surface -----------------------------------------------------------
 
@@ -158,6 +160,19 @@ class ExpertSlots:
         self._protos.clear()
         self._proto_done.clear()
         self.version += 1
+
+    def stacks(self, module: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's A and Bt stacks in `dtype`: a prompt whose activations are bf16 (a bf16 base)
+        multiplies its experts in bf16, 3-4x faster than casting to fp32 and back on a CPU with AMX.
+        Copies are made once per module and dtype, and made again after the slots change."""
+        if dtype == self.dtype:
+            return self.A[module], self.Bt[module]
+        if self._copies_version != self.version:
+            self._copies, self._copies_version = {}, self.version
+        key = (module, dtype)
+        if key not in self._copies:
+            self._copies[key] = (self.A[module].to(dtype), self.Bt[module].to(dtype))
+        return self._copies[key]
 
     # -- Arrow ---------------------------------------------------------------------------------
 
