@@ -47,7 +47,6 @@ class ExpertSlots:
         self._proto_done: set[int] = set()
         self.version = 0  # bumped on every change: plans and caches built on the old contents are stale
         self._copies: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}  # stacks()
-        self._copies_version = 0
 
     # -- the old ExpertSet's surface -----------------------------------------------------------
 
@@ -113,6 +112,7 @@ class ExpertSlots:
             self.A[m][slot, :a.shape[0]] = a.to(self.A[m])
             scaled = expert.B[m].to(torch.float32) * float(getattr(expert, "scaling", 1.0))
             self.Bt[m][slot, :a.shape[0]] = scaled.T.to(self.Bt[m])
+        self._copy_slot(slot)
         self.names[slot], self.experts[slot] = expert.name, expert
         self._index[expert.name] = slot
         self._proto_done.discard(slot)
@@ -128,6 +128,7 @@ class ExpertSlots:
             self.A[m][slot].zero_()
             self.Bt[m][slot].zero_()
             self.present[m][slot] = False
+        self._copy_slot(slot)
         self.names[slot], self.experts[slot] = None, None
         self._proto_done.discard(slot)
         self.version += 1
@@ -157,6 +158,7 @@ class ExpertSlots:
         self.names += [None] * extra
         self.experts += [None] * extra
         self.capacity, self.rank = capacity, rank
+        self._copies.clear()
         self._protos.clear()
         self._proto_done.clear()
         self.version += 1
@@ -164,15 +166,20 @@ class ExpertSlots:
     def stacks(self, module: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's A and Bt stacks in `dtype`: a prompt whose activations are bf16 (a bf16 base)
         multiplies its experts in bf16, 3-4x faster than casting to fp32 and back on a CPU with AMX.
-        Copies are made once per module and dtype, and made again after the slots change."""
+        Copies are made once per module and dtype; a load or an evict rewrites its slot in them."""
         if dtype == self.dtype:
             return self.A[module], self.Bt[module]
-        if self._copies_version != self.version:
-            self._copies, self._copies_version = {}, self.version
         key = (module, dtype)
         if key not in self._copies:
             self._copies[key] = (self.A[module].to(dtype), self.Bt[module].to(dtype))
         return self._copies[key]
+
+    def _copy_slot(self, slot: int) -> None:
+        """Bring one slot of the existing stacks() copies up to date (a server loads and evicts
+        experts while it runs: copying one slot, not every slot again)."""
+        for (m, _), (A, Bt) in self._copies.items():
+            A[slot] = self.A[m][slot]
+            Bt[slot] = self.Bt[m][slot]
 
     # -- Arrow ---------------------------------------------------------------------------------
 
