@@ -454,6 +454,28 @@ def test_a_route_over_the_library_chooses_again_when_an_adapter_it_chose_is_dele
     s.engine.release()
 
 
+def test_a_library_route_whose_choice_is_deleted_just_before_it_starts_chooses_again(base, tmp_path, random_library,
+                                                                                     monkeypatch):
+    """The race a soak found: `uniform` chose a, b and c; c is deleted after the scheduler's look at
+    the library and before the request starts. Not a 400: it waits for the next admission and
+    chooses again among what is left."""
+    from modulora.serve import Scheduler, _Item
+
+    lib = random_library(tmp_path, ["a", "b", "c"])
+    s = Scheduler(base, lib)
+    it = _Item(base.tokenizer("Peru")["input_ids"], "Peru", "uniform", params=SamplingParams(max_tokens=2))
+    s._resolve([it])
+    assert set(it.resolved) == {"a", "b", "c"}
+    stale, real = lib.latest_object_ids(), lib.latest_object_ids
+    lib.remove("c")
+    looks = iter([stale])  # the scheduler's first look predates the delete, every later one sees it
+    monkeypatch.setattr(lib, "latest_object_ids", lambda: next(looks, None) or real())
+    assert s._prepare([it], free=8) == [] and list(s.deferred) == [it] and not it.future.done()
+    reqs = s._prepare(list(s.deferred), free=8)
+    assert len(reqs) == 1 and set(it.resolved) == {"a", "b"} and not it.future.done()
+    s.engine.release()
+
+
 def test_token_routing_adds_up_to_the_answers_mean_weights(base, lib):
     """An Arrow row's per-token weights are its own: the first token carries the prompt's mean,
     and prompt mean x prompt tokens + the later tokens' weights = the answer's mean x all tokens

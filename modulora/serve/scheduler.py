@@ -57,6 +57,7 @@ class _Item:
     # name -> (version, object id) of every adapter the library held when the item arrived: the
     # versions it is answered with (set by `submit` unless given)
     pins: dict[str, tuple[int, str]] = field(default_factory=dict)
+    requeued: int = 0  # times the library changed under its route between choosing and starting
 
     def stop_reason(self) -> str | None:
         """Why this item should stop now (None: keep going); read by the worker before each step."""
@@ -330,6 +331,10 @@ class Scheduler:
             try:
                 self.engine.check(req)
             except RoutingError as e:
+                if it.requeued < 2 and self._chose_deleted(it):  # choose again at the next admission
+                    it.requeued += 1
+                    self.deferred.append(it)
+                    continue
                 self._fail(it, APIError(400, str(e), param="model" if "expert" in str(e) else None))
                 continue
             self._jobs[id(req)] = it
@@ -418,6 +423,15 @@ class Scheduler:
             self._fail(it, APIError(400, str(e), param="model"))
             return False
         return True
+
+    def _chose_deleted(self, it: _Item) -> bool:
+        """Whether a route that chooses among the library (uniform, retrieval, learned) chose an
+        adapter deleted between its choice and its start (a race with a DELETE: it then chooses
+        again among what is left, as `_still_resolves` does)."""
+        if not isinstance(it.resolved, dict) or it.route.strip() not in SPECIAL_MODELS:
+            return False
+        latest = self.router.library.latest_object_ids()
+        return any(n not in latest for n in it.resolved)
 
     def _pins(self, it: _Item, latest: dict[str, str]) -> dict[str, tuple[int, str]] | None:
         """The versions of the adapters `it` names (a fixed route) that it arrived with, when the
