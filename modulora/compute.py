@@ -61,23 +61,24 @@ CPU_FP32 = Compute(torch.device("cpu"))
 
 
 @functools.lru_cache(maxsize=1)
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls (AVX512-BF16 or AMX) make autocast faster; without them it is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
     """AMX tiles (Intel Xeon from Sapphire Rapids on): bf16 matrix products several times faster
     than fp32 ones; only AMX was measured to pay off for bf16 weights in generation."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "amx_bf16" in _cpu_flags()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

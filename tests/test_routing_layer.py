@@ -702,7 +702,8 @@ def test_the_slots_keep_their_bf16_copies_up_to_date(setup):
     slots = ExpertSlots()  # unbounded: starts with 4 slots and grows
     slots.load(experts["e0"])
     m = MODS[0]
-    first = slots.stacks(m, torch.bfloat16)
+    with torch.inference_mode():  # as in a forward; the loads below come outside one, as in a server
+        first = slots.stacks(m, torch.bfloat16)
     assert first[0].dtype == torch.bfloat16 and slots.stacks(m, torch.bfloat16)[0] is first[0]
     assert slots.stacks(m, torch.float32)[0] is slots.A[m]
 

@@ -171,7 +171,8 @@ class ExpertSlots:
             return self.A[module], self.Bt[module]
         key = (module, dtype)
         if key not in self._copies:
-            self._copies[key] = (self.A[module].to(dtype), self.Bt[module].to(dtype))
+            with torch.inference_mode(False):  # made in a forward, updated by later loads outside one
+                self._copies[key] = (self.A[module].to(dtype), self.Bt[module].to(dtype))
         return self._copies[key]
 
     def _copy_slot(self, slot: int) -> None:
