@@ -1,7 +1,8 @@
 """Routing speed on SmolLM2-135M: modulora's multi-expert layer against the base model alone and
 against PEFT, plus retrieval routing over a library of 1,000 adapters.
 
-Setting (default): fp32, 2 threads, 16 random LoRA experts of rank 8 on all linear layers
+Setting (default): fp32 (`--dtype bf16`: every model with bf16 weights, as `modulora serve` loads
+them on a CPU with AMX; results in routing_bf16.md), 2 threads, 16 random LoRA experts of rank 8 on all linear layers
 (q, k, v, o, gate, up, down), a batch of 16 requests of exactly 128 prompt tokens (random token
 ids) and exactly 32 greedy new tokens (EOS is ignored by every method, so every method does the
 same work). Methods, run interleaved (each method once, then again, `--repeats` times), medians:
