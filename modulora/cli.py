@@ -112,7 +112,8 @@ def cmd_router(args) -> None:
         fitted = RetrievalRouter(lib).calibrate(args.max_in_domain_abstain)
         print(f"fitted the retrieval router's abstention threshold; saved in {lib.root}\n{table(fitted)}")
         return
-    base = load_base(args.base, device=args.device, dtype=args.dtype, serving=True) if args.embedder == "base" else None
+    base = (load_base(args.base, device=args.device, dtype=args.dtype, serving=True) if args.embedder == "base"
+            else None)
     embedder = None
     if base is not None:
         from .routing.embed import BaseEmbedder
@@ -147,8 +148,8 @@ def cmd_eval(args) -> None:
         from .cluster import check
 
         check(ray)  # before the model loads
-    results = evaluate(load_base(args.base, device=args.device, dtype=args.dtype, serving=True), tasks, methods, args.out,
-                       library=lib, batch_size=args.batch_size, ray=ray)
+    base = load_base(args.base, device=args.device, dtype=args.dtype, serving=True)
+    results = evaluate(base, tasks, methods, args.out, library=lib, batch_size=args.batch_size, ray=ray)
     print(results.markdown())
     if args.show:
         for rec in results.predictions[: args.show]:

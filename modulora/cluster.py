@@ -78,7 +78,7 @@ def worker_base(base, device: str, dtype: str, options: RayOptions) -> WorkerBas
         name = str(Path(name).resolve())  # a model folder or file: workers start in another directory
     return WorkerBase(name=name, device=unit_device(device, options), dtype=dtype,
                       threads=max(1, int(options.num_cpus)), fingerprint=base.fingerprint["id"],
-                      serving=getattr(base, "serving", False))
+                      serving=base.serving)
 
 
 def unit_device(device: str, options: RayOptions) -> str:

@@ -331,8 +331,8 @@ class Scheduler:
             try:
                 self.engine.check(req)
             except RoutingError as e:
-                if it.requeued < 2 and self._chose_deleted(it):  # choose again at the next admission
-                    it.requeued += 1
+                if it.requeued < 2 and self._chose_deleted(it, self.router.library.latest_object_ids()):
+                    it.requeued += 1  # deleted since its choice: `_pick` resolves it again at the next admission
                     self.deferred.append(it)
                     continue
                 self._fail(it, APIError(400, str(e), param="model" if "expert" in str(e) else None))
@@ -415,7 +415,7 @@ class Scheduler:
     def _still_resolves(self, it: _Item, latest: dict[str, str]) -> bool:
         """Resolve `it`'s route again if an adapter it chose was deleted since (a `uniform` or
         retrieval route then chooses among what is left; a route naming it gets a 400)."""
-        if not isinstance(it.resolved, dict) or all(n in latest for n in it.resolved):
+        if not self._chose_deleted(it, latest):
             return True
         try:
             self._resolve_group([it])
@@ -424,14 +424,11 @@ class Scheduler:
             return False
         return True
 
-    def _chose_deleted(self, it: _Item) -> bool:
-        """Whether a route that chooses among the library (uniform, retrieval, learned) chose an
-        adapter deleted between its choice and its start (a race with a DELETE: it then chooses
-        again among what is left, as `_still_resolves` does)."""
-        if not isinstance(it.resolved, dict) or it.route.strip() not in SPECIAL_MODELS:
-            return False
-        latest = self.router.library.latest_object_ids()
-        return any(n not in latest for n in it.resolved)
+    @staticmethod
+    def _chose_deleted(it: _Item, latest: dict[str, str]) -> bool:
+        """Whether `it`'s route holds an adapter the library (`latest`) no longer has: deleted
+        between the route's choice and the request's start."""
+        return isinstance(it.resolved, dict) and any(n not in latest for n in it.resolved)
 
     def _pins(self, it: _Item, latest: dict[str, str]) -> dict[str, tuple[int, str]] | None:
         """The versions of the adapters `it` names (a fixed route) that it arrived with, when the
