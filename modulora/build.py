@@ -103,7 +103,7 @@ def train_or_reuse(base, task: Task, adapter: AdapterConfig, cfg: TrainConfig, o
     return train_adapter(base, task, adapter, cfg, out, data_hash=data_hash, progress=progress), False
 
 
-def _trained(base, jobs: list, adapter: AdapterConfig, progress: bool, ray, spec, desc: str, unit: str):
+def trained(base, jobs: list, adapter: AdapterConfig, progress: bool, ray, spec, desc: str, unit: str):
     """(job, metrics, reused) for each job (name, task, cfg, path, data_hash), in job order: trained
     here one after another, or (`ray`) the ones not reusable as Ray tasks, the driver writing each
     adapter into its path as a local build would. Units that failed raise a BuildError at the end."""
@@ -432,13 +432,13 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
 
     if mode == "private":
         jobs = [(name, task, train, out / "adapters" / name, hashes[name]) for name, task in tasks.items()]
-        for (name, _, _, path, _), metrics, reused in _trained(base, jobs, adapter, progress, ray, spec,
+        for (name, _, _, path, _), metrics, reused in trained(base, jobs, adapter, progress, ray, spec,
                                                                "build: adapters", "task"):
             record(name, path, [name], metrics, reused, add=True)
     else:
         short = {name: Path(short_dir) / name if short_dir else out / "mbc" / name for name in tasks}
         jobs = [(name, task, short_cfg, short[name], hashes[name]) for name, task in tasks.items()]
-        for (name, _, _, path, _), metrics, reused in _trained(base, jobs, adapter, progress, ray, spec,
+        for (name, _, _, path, _), metrics, reused in trained(base, jobs, adapter, progress, ray, spec,
                                                                "mbc: short adapters", "task"):
             record(f"mbc:{name}", path, [name], metrics, reused, add=False)
         names = list(tasks)
@@ -464,7 +464,7 @@ def build_library(base, data_dir, out_dir, library=None, mode: str = "private", 
                  train, out / "adapters" / cname,
                  hashlib.sha256("".join(f"{n}\0{hashes[n]}\n" for n in member_names).encode()).hexdigest())
                 for cname, member_names in members.items()]
-        for (cname, _, _, path, _), metrics, reused in _trained(base, jobs, adapter, progress, ray, spec,
+        for (cname, _, _, path, _), metrics, reused in trained(base, jobs, adapter, progress, ray, spec,
                                                                 "mbc: cluster adapters", "cluster"):
             member_names = members[cname]
             if json.loads((path / "card.json").read_text()).get("cluster_tasks") != member_names:

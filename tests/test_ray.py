@@ -263,9 +263,10 @@ def test_a_read_only_library_reads_but_never_writes(tmp_path, tiny, random_lora)
 
 @needs_ray
 @pytest.mark.slow
-def test_an_experiment_on_ray_equals_the_local_one(cluster, tmp_path):
-    """`modulora experiment mixed --quick --ray`: the library built and the methods scored on the
-    cluster give the report's numbers a local run gives."""
+@pytest.mark.parametrize("name", ["mixed", "zeroshot"])
+def test_an_experiment_on_ray_equals_the_local_one(cluster, tmp_path, name):
+    """`modulora experiment NAME --quick --ray`: the libraries built (zeroshot: MBC, the oracles and
+    the general LoRA too) and the methods scored on the cluster give a local run's numbers."""
     from test_experiments import DATA
 
     from modulora.cli import main
@@ -275,8 +276,8 @@ def test_an_experiment_on_ray_equals_the_local_one(cluster, tmp_path):
     scores = {}
     for where, extra in (("local", []), ("ray", ["--ray", cluster[0]])):
         with one_thread():
-            assert main(["experiment", "mixed", "--quick", "--data", str(DATA), "--work", str(tmp_path / where),
+            assert main(["experiment", name, "--quick", "--data", str(DATA), "--work", str(tmp_path / where),
                          "--no-progress", *extra]) == 0
-        scores[where] = json.loads((tmp_path / where / "quick" / "results" / "mixed" / "results.json").read_text())
+        scores[where] = json.loads((tmp_path / where / "quick" / "results" / name / "results.json").read_text())
     assert scores["ray"]["scores"] == scores["local"]["scores"]
     assert scores["ray"]["routing"] == scores["local"]["routing"]

@@ -189,13 +189,27 @@ def sni_library(ctx: Context, progress: bool = True, zeroshot: bool = False) -> 
 def train_one(ctx: Context, task, out: Path, adapter: AdapterConfig | None = None, steps: int | None = None,
               progress: bool = True, max_length: int | None = None) -> Path:
     """Train (or reuse, when `out` already holds the same training) one adapter on a Task."""
-    from ..build import train_or_reuse
-
-    adapter = adapter or AdapterConfig()
-    digest = hashlib.sha256("\n".join(f"{ex.instruction}\0{ex.input}\0{ex.output}" for ex in task.examples)
-                            .encode()).hexdigest()
-    train_or_reuse(ctx.base, task, adapter, ctx.train_config(steps, max_length), out, digest, progress)
+    train_many(ctx, [(task, out, steps)], adapter, progress, max_length=max_length)
     return out
+
+
+def train_many(ctx: Context, jobs: list[tuple], adapter: AdapterConfig | None = None, progress: bool = True,
+               desc: str = "train", max_length: int | None = None) -> None:
+    """Train (or reuse) one adapter per (task, out folder, steps): one after another, or side by
+    side as Ray tasks when the run has --ray."""
+    from ..build import trained
+    from ..cluster import worker_base
+
+    full = [(task.name, task, ctx.train_config(steps, max_length), out, _examples_digest(task))
+            for task, out, steps in jobs]
+    spec = worker_base(ctx.base, ctx.device, ctx.dtype, ctx.ray) if ctx.ray is not None else None
+    for _ in trained(ctx.base, full, adapter or AdapterConfig(), progress, ctx.ray, spec, desc, "adapter"):
+        pass
+
+
+def _examples_digest(task) -> str:
+    return hashlib.sha256("\n".join(f"{ex.instruction}\0{ex.input}\0{ex.output}" for ex in task.examples)
+                          .encode()).hexdigest()
 
 
 def add(ctx: Context, library: Path, name: str, path: Path) -> None:

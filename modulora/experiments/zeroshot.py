@@ -15,7 +15,7 @@ from pathlib import Path
 from ..adapters import AdapterConfig
 from ..data import load_task
 from ..evaluate import Method, evaluate, paired_difference, prepare_task
-from .common import (HOLDOUT, Context, add, gap, met, publish, sni_library, sni_task_names, train_one,
+from .common import (HOLDOUT, Context, add, gap, met, publish, sni_library, sni_task_names, train_many,
                      write_report)
 
 
@@ -51,15 +51,14 @@ def mbc_library(ctx: Context, files: Path, private_build: Path, progress: bool) 
 FLAN_SOURCES = ("aqua", "creak", "ecqa", "qasc", "sensemaking", "strategyqa")
 
 
-def general_adapter(ctx: Context, progress: bool) -> Path:
-    """The general-knowledge LoRA that GenKnowSub subtracts (same rank and modules as the experts)."""
+def general_task(ctx: Context):
+    """General instruction data for the general-knowledge LoRA that GenKnowSub subtracts."""
     from ..data import mixture
 
     s = ctx.settings
     tasks = [load_task(ctx.data_file(f"flan-cot/{n}_train.tsv")) for n in FLAN_SOURCES]
     per = -(-s.general_steps * s.batch_size // len(tasks))  # every example seen about once
-    task = mixture(tasks, per, name="general-flan-cot")
-    return train_one(ctx, task, ctx.work / "general" / task.name, steps=s.general_steps, progress=progress)
+    return mixture(tasks, per, name="general-flan-cot")
 
 
 def gks_library(ctx: Context, private_lib: Path, general: Path) -> Path:
@@ -77,15 +76,22 @@ def gks_library(ctx: Context, private_lib: Path, general: Path) -> Path:
     return lib
 
 
-def oracle_library(ctx: Context, tasks: list[str], progress: bool) -> Path:
-    """One expert per held-out task, trained on that task's own training split (the upper bound)."""
-    lib = ctx.work / "lib-oracle"
+def oracles_and_general(ctx: Context, tasks: list[str], progress: bool) -> tuple[Path, Path]:
+    """(oracle library, general LoRA): one expert per held-out task, trained on that task's own
+    training split (the upper bound), and the general LoRA (same rank and modules as the experts),
+    trained side by side when the run has --ray."""
+    jobs = []
     for name in tasks:
         task = load_task(ctx.sni(name))
         task.name = name
-        out = train_one(ctx, task, ctx.work / "oracle" / name, steps=ctx.settings.zs_steps, progress=progress)
-        add(ctx, lib, name, out)
-    return lib
+        jobs.append((task, ctx.work / "oracle" / name, ctx.settings.zs_steps))
+    general = general_task(ctx)
+    jobs.append((general, ctx.work / "general" / general.name, ctx.settings.general_steps))
+    train_many(ctx, jobs, progress=progress, desc="oracles and general")
+    lib = ctx.work / "lib-oracle"
+    for name in tasks:
+        add(ctx, lib, name, ctx.work / "oracle" / name)
+    return lib, jobs[-1][1]
 
 
 def run(ctx: Context, progress: bool = True) -> dict:
@@ -97,8 +103,8 @@ def run(ctx: Context, progress: bool = True) -> dict:
     private_lib, private_build = sni_library(ctx, progress, zeroshot=True)
     mbc_lib, mbc_out = mbc_library(ctx, ctx.work / f"sni-tasks-{len(library_tasks)}", private_build, progress)
     merged_lib = merged_library(ctx, private_lib)
-    oracle_lib = oracle_library(ctx, held_out, progress)
-    gks_lib = gks_library(ctx, private_lib, general_adapter(ctx, progress))
+    oracle_lib, general = oracles_and_general(ctx, held_out, progress)
+    gks_lib = gks_library(ctx, private_lib, general)
     k = min(4, len(library_tasks))
     methods = [
         Method("base"),
