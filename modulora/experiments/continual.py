@@ -35,7 +35,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
         seen = mixed_task([tasks[n] for n in order[:step]], f"seen-{step}", seed=0)
         methods = [Method(method_names[0], "learned", str(lib)), Method(method_names[1], "arrow", str(lib)),
                    Method(method_names[2], "retrieval", str(lib)), Method(method_names[3], "own", str(lib))]
-        res = evaluate(ctx.base, [seen], methods, ctx.work / "eval-continual" / f"step-{step}", batch_size=16,
+        res = evaluate(ctx.eval_base, [seen], methods, ctx.work / "eval-continual" / f"step-{step}", batch_size=16,
                        progress=progress, plots=False, ray=ctx.ray)
         for m in method_names:
             scores[m].append(by_source(res, m, seen.name))

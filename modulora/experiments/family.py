@@ -52,7 +52,7 @@ def run(ctx: Context, progress: bool = True, domains: list[str] | None = None) -
             add(ctx, lib, f"{domain}-{kind}", out)
     for domain in domains:
         methods = [Method("base")] + [Method(label, f"{domain}-{kind}", str(lib)) for kind, label in TYPES.items()]
-        evaluate(ctx.base, tests[domain], methods, ctx.work / f"eval-family-{domain}", batch_size=EVAL_BATCH,
+        evaluate(ctx.eval_base, tests[domain], methods, ctx.work / f"eval-family-{domain}", batch_size=EVAL_BATCH,
                  progress=progress, ray=ctx.ray)
         publish(ctx, ctx.work / f"eval-family-{domain}", {"results.json": f"{domain}-results.json",
                                                            "accuracy.png": f"{domain}.png"})

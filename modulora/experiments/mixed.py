@@ -34,7 +34,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
         Method(f"OOD retrieval top-{k} mixture", "retrieval", str(lib), top_k=k, exclude_own=True),
         *_abstaining(str(lib)),
     ]
-    res = evaluate(ctx.base, [mixed], methods, ctx.work / "eval-mixed", batch_size=16, progress=progress,
+    res = evaluate(ctx.eval_base, [mixed], methods, ctx.work / "eval-mixed", batch_size=16, progress=progress,
                    ray=ctx.ray)
     publish(ctx, ctx.work / "eval-mixed", {"results.json": "results.json", "routing.png": "routing.png"})
     oracle = 100 * res.main(methods[1].name, "mixed")

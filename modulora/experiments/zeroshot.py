@@ -118,7 +118,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
         Method("MBC + uniform", "uniform", str(mbc_lib)),
         Method("oracle", "own", str(oracle_lib)),
     ]
-    res = evaluate(ctx.base, tasks, methods, ctx.work / "eval-zeroshot", batch_size=16, progress=progress,
+    res = evaluate(ctx.eval_base, tasks, methods, ctx.work / "eval-zeroshot", batch_size=16, progress=progress,
                    ray=ctx.ray)
     publish(ctx, ctx.work / "eval-zeroshot", {f: f for f in ("results.md", "results.json", "accuracy.png",
                                                                 "routing.png")})
