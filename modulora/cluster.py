@@ -15,6 +15,8 @@ at the same path on every node (workers open it read-only).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -22,7 +24,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,15 +135,28 @@ def _announce(unit: str) -> None:
 
 def train_unit(spec: WorkerBase, task, adapter, cfg, name: str, data_hash: str) -> tuple[dict, dict[str, bytes]]:
     """Train one adapter on a worker with the function a local build uses; return its metrics and
-    its files, which the driver writes (the worker keeps nothing)."""
+    its files, which the driver writes. The unit works in a folder of the node's modulora home
+    named for what it trains, so its checkpoints outlive a killed worker or driver: the same unit
+    sent again (a retry, a rerun of the build) resumes from them; the folder goes once it is done."""
     from .train import train_adapter
 
     base = load_worker_base(spec)
-    with tempfile.TemporaryDirectory(prefix="modulora-unit-") as tmp:
-        out = Path(tmp) / name  # the card records out.name: the same name as a local build's
-        _announce(name)
-        metrics = train_adapter(base, task, adapter, cfg, out, data_hash=data_hash, progress=False)
-        return metrics, {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    work = unit_folder(spec, task, adapter, cfg, name, data_hash)
+    out = work / name  # the card records out.name: the same name as a local build's
+    _announce(name)
+    metrics = train_adapter(base, task, adapter, cfg, out, data_hash=data_hash, progress=False)
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics, files
+
+
+def unit_folder(spec: WorkerBase, task, adapter, cfg, name: str, data_hash: str) -> Path:
+    """<modulora home>/units/<digest of the unit's base, task, data and settings>."""
+    from .base import home
+
+    what = json.dumps([spec.fingerprint, spec.dtype, task.name, name, data_hash, asdict(adapter), cfg.settings()],
+                      sort_keys=True, default=str)
+    return home() / "units" / hashlib.sha256(what.encode()).hexdigest()[:20]
 
 
 def eval_unit(spec: WorkerBase, library: str, method, task, rows: list[int], batch_size: int) -> list[dict]:

@@ -9,6 +9,7 @@ stop` would stop every Ray cluster of this user on the machine).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import importlib.util
 import os
@@ -179,6 +180,46 @@ def test_build_on_ray_survives_a_killed_worker_and_equals_a_local_build(tiny, cl
                           progress=False, ray=options)
     assert again["trained"] == [] and sorted(again["reused"]) == names and len(list(pids.iterdir())) == started
     assert all(r.version == 1 for r in lib.list())
+
+
+def test_a_unit_sent_again_after_a_crash_resumes_from_its_checkpoints(tiny, tmp_path, monkeypatch):
+    """A training unit keeps its checkpoints in the node's modulora home: sent again after it died
+    (Ray's retry, or a rerun of the build once the driver was killed) it resumes, and gives the
+    adapter an uninterrupted unit gives; its folder goes once it is done. No cluster is needed:
+    this is the function each Ray task runs."""
+    from safetensors.torch import load
+
+    from modulora import cluster
+    from modulora import train as train_mod
+
+    monkeypatch.setenv("MODULORA_HOME", str(tmp_path / "home"))
+    spec = cluster.WorkerBase(name="tiny", device="cpu", dtype="fp32", threads=1, fingerprint=tiny.fingerprint["id"])
+    task = make_task("add", n=48)
+    cfg = TrainConfig(steps=8, batch_size=4, max_length=48, lr=1e-3, dtype="fp32", holdout=0, checkpoint_every=3)
+    adapter = AdapterConfig(type="lora", r=4, alpha=8, dropout=0.1)
+    folder = cluster.unit_folder(spec, task, adapter, cfg, "add", "h")
+    with one_thread():
+        _, whole = cluster.train_unit(spec, task, adapter, cfg, "add", "h")
+        assert not folder.exists()
+        real = train_mod._lr_at
+
+        def crash_at_7(step, *a):
+            if step == 7:
+                raise RuntimeError("simulated crash")
+            return real(step, *a)
+
+        monkeypatch.setattr(train_mod, "_lr_at", crash_at_7)
+        with pytest.raises(RuntimeError):
+            cluster.train_unit(spec, task, adapter, cfg, "add", "h")
+        assert json.loads((folder / "add.ckpt" / "state.json").read_text())["step"] == 6
+        monkeypatch.setattr(train_mod, "_lr_at", real)
+        metrics, files = cluster.train_unit(spec, task, adapter, cfg, "add", "h")
+    assert metrics["resumed_from"] == 6 and not folder.exists()
+    assert files.keys() == whole.keys()
+    a, b = load(whole["adapter_model.safetensors"]), load(files["adapter_model.safetensors"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    other = cluster.unit_folder(spec, task, adapter, dataclasses.replace(cfg, steps=9), "add", "h")
+    assert other != folder  # other settings: another folder, never a checkpoint of this one
 
 
 @needs_ray
