@@ -24,6 +24,7 @@ def test_quick_experiment(work, name, capsys):
     report = work / "quick" / "results" / name / "README.md"
     text = report.read_text()
     assert "Mode: quick" in text and "Environment: modulora" in text and "Target" in text
+    assert "Precision: training cpu fp32" in text and ", evaluation cpu " in text
     assert "| base" in text or "| learned (L2R)" in text
     for image in {"zeroshot": ["accuracy.png", "routing.png", "mbc-similarity.png"], "mixed": ["per-task.png"],
                   "continual": ["average-by-step.png"], "family": ["math.png", "commonsense.png"]}[name]:
