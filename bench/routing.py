@@ -442,10 +442,12 @@ class LayerClock:
         self.plan_cls.apply, self.arrow_mod.route_tokens = self.real
 
 
-def multiply_adds(expert_set, k: int) -> dict[str, float]:
+def multiply_adds(expert_set, k: int, head: int) -> dict[str, float]:
     """Per token, the expert products' multiply-adds over the adapted base Linears' (from the
     shapes): one expert, k experts, and Arrow as computed (every expert, plus the scores) and at
-    its least (k experts, plus the scores)."""
+    its least (k experts, plus the scores). "read": a decode step's reads of every expert's weights
+    (each method here uses all of them in a batch) over the weights the base model's step reads
+    (the adapted Linears and the `head` parameters of the vocabulary projection), same dtype."""
     base = lora = scores = 0
     for m in expert_set.modules:
         out, d_in = expert_set.shape(m)
@@ -454,7 +456,7 @@ def multiply_adds(expert_set, k: int) -> dict[str, float]:
         scores += len(expert_set) * d_in
     E = len(expert_set)
     return {"top-1": lora / base, f"top-{k}": k * lora / base, "arrow": (E * lora + scores) / base,
-            "arrow least": (k * lora + scores) / base}
+            "arrow least": (k * lora + scores) / base, "read": E * lora / (base + head)}
 
 
 def where_time_goes(args, methods: dict, extra: dict, prompts, watch: CpuWatch) -> dict | None:
@@ -465,7 +467,8 @@ def where_time_goes(args, methods: dict, extra: dict, prompts, watch: CpuWatch) 
     except AttributeError:  # a tree without RoutingPlan.apply / arrow.route_tokens
         return None
     k = extra["k"]
-    out = {"macs": multiply_adds(extra["expert_set"], k)}
+    head = methods["base"][1].get_output_embeddings().weight.numel()
+    out = {"macs": multiply_adds(extra["expert_set"], k, head)}
     try:
         for name in ("base", "ours top-1", f"ours top-{k} mixture", f"ours Arrow top-{k}"):
             fn, model = methods[name]
@@ -689,7 +692,7 @@ def profile_section(prof: dict | None, k: int, experts: int) -> str:
         rows.append([name, f"{pre:.2f}", f"{pre - base['prefill']:+.2f}", f"{apply_p:.2f} ({apply_p / pre:.0%})",
                      f"{route_p:.2f}" if route_p else "-", f"{dec:.2f}", f"{dec - base['decode']:+.2f}",
                      f"{apply_d:.2f} ({apply_d / dec:.0%})", f"{route_d:.2f}" if route_d else "-",
-                     want.get(name, "0")])
+                     want.get(name, "0"), f"{macs['read']:.0%}" if name in want else "0"])
     return f"""
 ## Where the time goes
 
@@ -705,9 +708,17 @@ GEMMs of rank {experts}x8 per module, the experts a token did not pick weighted 
 arithmetic of its {k} picks; per-token gathers of the picked experts copy {k} experts' weights per
 token, and sorting the token-expert pairs by expert gathers and scatters the activations of every
 module; both cost more than the masked product at this batch size (bench/routing_layer_micro.py).
+"Expert weights read per step" are the bytes of the experts' A and B that each decode step reads
+(all {experts}: a batch of 16 rows with their own experts, or top-{k} of {experts} per row or token,
+uses every one) over the bytes of the weights the base model's step reads (the adapted Linears and
+the vocabulary projection). A decode step of 16 rows reads each weight once for 16 multiply-adds,
+so its Linears are bound by memory traffic, and reading the experts costs about that share of their
+time, however the products are arranged: at rank 8 on a 135M model the experts are large next to
+the base (16 rank-8 experts on all linear layers of a 7B Llama are about 5% of its weights).
 
 {table(["method", "prefill s", "vs base s", "layers' work s", "Arrow routing s", "decode s", "vs base s",
-        "layers' work s", "Arrow routing s", "expert multiply-adds vs base Linears"], rows)}
+        "layers' work s", "Arrow routing s", "expert multiply-adds vs base Linears",
+        "expert weights read per step vs the base's"], rows)}
 """
 
 
