@@ -128,7 +128,8 @@ class Context:
     @property
     def eval_base(self):
         """The base that the evaluations generate with, in the precision `modulora eval` and the
-        server use (on a CPU with AMX: bf16 weights, 2-3x faster than fp32 for batched prompts)."""
+        server use (on a CPU with AMX: bf16 weights, which multiply batched prompts several times
+        faster than fp32; bench/results/precision.md)."""
         if self._eval_base is None:
             from ..base import load_base
 
