@@ -183,16 +183,19 @@ class Results:
         return mean([self.main(method, t) for t in (tasks or self.tasks)])
 
     def markdown(self, metric_index: int = 0) -> str:
-        """Methods as rows, tasks as columns (each its main metric, or its `metric_index`-th), and the average."""
+        """Scores in %, each task by its main metric (or its `metric_index`-th), and the average:
+        methods as rows and tasks as columns, or tasks as rows where they outnumber the methods
+        (a long table reads better than a wide one)."""
         def pick(t):
             ms = self.metrics[t]
             return ms[min(metric_index, len(ms) - 1)]
-        headers = ["method"] + [f"{t} ({pick(t)})" for t in self.tasks] + ["average"]
-        rows = []
-        for m in self.methods:
-            vals = [100 * self.scores[m][t][pick(t)] for t in self.tasks]
-            rows.append([m] + [f"{v:.1f}" for v in vals] + [f"{mean(vals):.1f}"])
-        return table(headers, rows)
+        tasks = [f"{t} ({pick(t)})" for t in self.tasks]
+        vals = {m: [100 * self.scores[m][t][pick(t)] for t in self.tasks] for m in self.methods}
+        if len(self.tasks) <= len(self.methods):
+            return table(["method"] + tasks + ["average"],
+                         [[m] + [f"{v:.1f}" for v in vals[m]] + [f"{mean(vals[m]):.1f}"] for m in self.methods])
+        rows = [[t] + [f"{vals[m][i]:.1f}" for m in self.methods] for i, t in enumerate(tasks)]
+        return table(["task"] + self.methods, rows + [["average"] + [f"{mean(vals[m]):.1f}" for m in self.methods]])
 
 
 def _key(method: str, task: str, ex_id: str) -> str:

@@ -240,3 +240,25 @@ def test_paired_difference_tells_gap_from_noise():
     bad = results([1.0] * 5, [0.0] * 4)
     with pytest.raises(EvalError, match="same examples"):
         paired_difference(bad, "a", "b")
+
+
+def test_the_results_table_puts_the_longer_list_in_rows():
+    """Methods as rows while they are at least as many as the tasks; else tasks as rows (16
+    held-out tasks against 10 methods would make a table 18 columns wide)."""
+    from modulora.evaluate import Results
+
+    def results(tasks, methods):
+        scores = {m: {t: {"em": (i + j) / 10, "rougeL": 0.5} for j, t in enumerate(tasks)} for i, m in enumerate(methods)}
+        return Results(tasks, methods, {t: ["em", "rougeL"] for t in tasks}, scores, {}, {t: 1 for t in tasks}, [])
+
+    def cells(line):
+        return [c.strip() for c in line.split("|")[1:-1]]
+
+    wide = results(["a", "b"], ["base", "x", "y"]).markdown().splitlines()
+    assert cells(wide[0]) == ["method", "a (em)", "b (em)", "average"]
+    assert cells(wide[3]) == ["x", "10.0", "20.0", "15.0"]
+    long = results(["a", "b", "c"], ["base", "x"]).markdown(1).splitlines()
+    assert cells(long[0]) == ["task", "base", "x"]
+    assert cells(long[2]) == ["a (rougeL)", "50.0", "50.0"]
+    assert cells(long[-1]) == ["average", "50.0", "50.0"]
+    assert cells(results(["a", "b", "c"], ["base", "x"]).markdown().splitlines()[-1]) == ["average", "10.0", "20.0"]
