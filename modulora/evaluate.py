@@ -410,44 +410,61 @@ def load_results(path: str | os.PathLike) -> Results:
 
 
 def plot_scores(results: Results, path: Path, title: str = "Score by method (main metric, %)") -> Path:
-    """Grouped bars: one group per task plus the average, one bar per method."""
+    """Grouped bars (one group per task plus the average, one bar per method), or where the tasks
+    outnumber the methods a task-by-method heatmap with the scores written in (as in `markdown`)."""
     from matplotlib.figure import Figure
 
     groups = results.tasks + ["average"]
+    vals = {m: [100 * results.main(m, t) for t in results.tasks] + [100 * results.average(m)]
+            for m in results.methods}
     n_m = len(results.methods)
-    fig = Figure(figsize=(max(6.0, 0.5 * len(groups) * max(n_m, 2) * 0.45 + 3), 4.5))
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(n_m, 1)
-    for j, m in enumerate(results.methods):
-        vals = [100 * results.main(m, t) for t in results.tasks] + [100 * results.average(m)]
-        ax.bar([i + j * width for i in range(len(groups))], vals, width, label=m)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels([g[:28] for g in groups], rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel("%")
+    if len(results.tasks) > n_m:
+        fig = Figure(figsize=(1.1 * n_m + 4.0, 0.35 * len(groups) + 2.0))
+        ax = fig.add_subplot(1, 1, 1)
+        grid = np.array([[vals[m][i] for m in results.methods] for i in range(len(groups))])
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", interpolation="nearest")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.1f}" if i == len(groups) - 1 else f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < grid.max() / 2 else "black")
+        ax.set_xticks(range(n_m))
+        ax.set_xticklabels([m[:28] for m in results.methods], rotation=40, ha="right", fontsize=7)
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([g[:40] for g in groups], fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.04, label="%")
+    else:
+        fig = Figure(figsize=(max(6.0, 0.5 * len(groups) * max(n_m, 2) * 0.45 + 3), 4.5))
+        ax = fig.add_subplot(1, 1, 1)
+        width = 0.8 / max(n_m, 1)
+        for j, m in enumerate(results.methods):
+            ax.bar([i + j * width for i in range(len(groups))], vals[m], width, label=m)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels([g[:28] for g in groups], rotation=40, ha="right", fontsize=7)
+        ax.set_ylabel("%")
+        ax.legend(fontsize=7, ncol=2)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
 
 def plot_routing(results: Results, path: Path) -> Path:
-    """Heatmaps, one per routed method: task by expert, the mean routing weight."""
+    """Heatmaps, one per routed method: task by expert (the experts that method gave weight), the
+    mean routing weight."""
     from matplotlib.figure import Figure
 
     routed = [m for m in results.methods if any(results.routing[m][t] for t in results.tasks)]
-    experts = sorted({e for m in routed for t in results.tasks for e in results.routing[m][t]})
+    experts = {m: sorted({e for t in results.tasks for e in results.routing[m][t]}) for m in routed}
     cols = min(3, len(routed))
     rows = (len(routed) + cols - 1) // cols
-    cell_w = max(4.0, 0.3 * len(experts) + 2.5)
+    cell_w = max(4.0, 0.3 * max(len(v) for v in experts.values()) + 2.5)
     fig = Figure(figsize=(cell_w * cols, (0.3 * len(results.tasks) + 2.2) * rows))
     for k, m in enumerate(routed):
         ax = fig.add_subplot(rows, cols, k + 1)
-        grid = [[results.routing[m][t].get(e, 0.0) for e in experts] for t in results.tasks]
+        grid = [[results.routing[m][t].get(e, 0.0) for e in experts[m]] for t in results.tasks]
         im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
         ax.set_title(m, fontsize=9)
-        ax.set_xticks(range(len(experts)))
-        ax.set_xticklabels([e[:20] for e in experts], rotation=60, ha="right", fontsize=6)
+        ax.set_xticks(range(len(experts[m])))
+        ax.set_xticklabels([e[:20] for e in experts[m]], rotation=60, ha="right", fontsize=6)
         ax.set_yticks(range(len(results.tasks)))
         ax.set_yticklabels([t[:28] for t in results.tasks], fontsize=6)
         fig.colorbar(im, ax=ax, fraction=0.04)

@@ -242,14 +242,28 @@ def test_paired_difference_tells_gap_from_noise():
         paired_difference(bad, "a", "b")
 
 
-def test_the_results_table_puts_the_longer_list_in_rows():
+def test_the_results_table_and_plot_put_the_longer_list_in_rows(tmp_path):
     """Methods as rows while they are at least as many as the tasks; else tasks as rows (16
-    held-out tasks against 10 methods would make a table 18 columns wide)."""
-    from modulora.evaluate import Results
+    held-out tasks against 10 methods would make a table 18 columns wide, and 170 bars): the
+    plot then is a task-by-method heatmap of a readable size. Routing heatmaps show each
+    method's own experts."""
+    from PIL import Image
+
+    from modulora.evaluate import Results, plot_routing, plot_scores
 
     def results(tasks, methods):
         scores = {m: {t: {"em": (i + j) / 10, "rougeL": 0.5} for j, t in enumerate(tasks)} for i, m in enumerate(methods)}
-        return Results(tasks, methods, {t: ["em", "rougeL"] for t in tasks}, scores, {}, {t: 1 for t in tasks}, [])
+        routing = {m: {t: ({f"{m}-expert-{j}": 1.0} if m != "base" else {}) for j, t in enumerate(tasks)}
+                   for m in methods}
+        return Results(tasks, methods, {t: ["em", "rougeL"] for t in tasks}, scores, routing, {t: 1 for t in tasks}, [])
+
+    sizes = {}
+    for label, (n_tasks, n_methods) in {"bars": (2, 3), "heatmap": (16, 10)}.items():
+        res = results([f"task{j:02d}_some_long_name" for j in range(n_tasks)], ["base"] + [f"m{i}" for i in range(n_methods - 1)])
+        sizes[label] = Image.open(plot_scores(res, tmp_path / f"{label}.png")).size
+        w, h = Image.open(plot_routing(res, tmp_path / f"{label}-routing.png")).size
+        assert w <= 120 * 3 * max(4.0, 0.3 * n_tasks + 2.5) + 1  # each method's own experts, not the union
+    assert sizes["heatmap"][0] < 2000 and sizes["heatmap"][1] > sizes["heatmap"][0] / 2  # not 40 inches wide
 
     def cells(line):
         return [c.strip() for c in line.split("|")[1:-1]]
