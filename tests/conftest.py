@@ -1,3 +1,4 @@
+import contextlib
 import os
 import tempfile
 
@@ -75,3 +76,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def crash_training_at():
+    """`with crash_training_at(step):` a training run raises RuntimeError as it reaches `step`
+    (what a killed process leaves: the checkpoints written before it)."""
+    from modulora import train as train_mod
+
+    @contextlib.contextmanager
+    def crashing(at: int):
+        real = train_mod._lr_at
+
+        def lr_at(step, *a):
+            if step == at:
+                raise RuntimeError("simulated crash")
+            return real(step, *a)
+
+        train_mod._lr_at = lr_at
+        try:
+            yield
+        finally:
+            train_mod._lr_at = real
+
+    return crashing

@@ -182,7 +182,7 @@ def test_build_on_ray_survives_a_killed_worker_and_equals_a_local_build(tiny, cl
     assert all(r.version == 1 for r in lib.list())
 
 
-def test_a_unit_sent_again_after_a_crash_resumes_from_its_checkpoints(tiny, tmp_path, monkeypatch):
+def test_a_unit_sent_again_after_a_crash_resumes_from_its_checkpoints(tiny, tmp_path, monkeypatch, crash_training_at):
     """A training unit keeps its checkpoints in the node's modulora home: sent again after it died
     (Ray's retry, or a rerun of the build once the driver was killed) it resumes, and gives the
     adapter an uninterrupted unit gives; its folder goes once it is done. No cluster is needed:
@@ -190,7 +190,6 @@ def test_a_unit_sent_again_after_a_crash_resumes_from_its_checkpoints(tiny, tmp_
     from safetensors.torch import load
 
     from modulora import cluster
-    from modulora import train as train_mod
 
     monkeypatch.setenv("MODULORA_HOME", str(tmp_path / "home"))
     spec = cluster.WorkerBase(name="tiny", device="cpu", dtype="fp32", threads=1, fingerprint=tiny.fingerprint["id"])
@@ -201,18 +200,9 @@ def test_a_unit_sent_again_after_a_crash_resumes_from_its_checkpoints(tiny, tmp_
     with one_thread():
         _, whole = cluster.train_unit(spec, task, adapter, cfg, "add", "h")
         assert not folder.exists()
-        real = train_mod._lr_at
-
-        def crash_at_7(step, *a):
-            if step == 7:
-                raise RuntimeError("simulated crash")
-            return real(step, *a)
-
-        monkeypatch.setattr(train_mod, "_lr_at", crash_at_7)
-        with pytest.raises(RuntimeError):
+        with crash_training_at(7), pytest.raises(RuntimeError):
             cluster.train_unit(spec, task, adapter, cfg, "add", "h")
         assert json.loads((folder / "add.ckpt" / "state.json").read_text())["step"] == 6
-        monkeypatch.setattr(train_mod, "_lr_at", real)
         metrics, files = cluster.train_unit(spec, task, adapter, cfg, "add", "h")
     assert metrics["resumed_from"] == 6 and not folder.exists()
     assert files.keys() == whole.keys()

@@ -32,24 +32,15 @@ def test_training_lowers_loss_and_writes_a_card(tiny, tmp_path, adapter):
     assert not (tmp_path / "a.ckpt").exists()
 
 
-def test_resume_after_a_crash_gives_the_same_adapter(tiny, tmp_path, monkeypatch):
+def test_resume_after_a_crash_gives_the_same_adapter(tiny, tmp_path, crash_training_at):
     task = make_task("add", n=48)
     cfg = TrainConfig(steps=8, batch_size=4, max_length=48, lr=1e-3, dtype="fp32", holdout=0, checkpoint_every=3)
     adapter = AdapterConfig(type="lora", r=4, alpha=8, dropout=0.1)
     train_adapter(tiny, task, adapter, cfg, tmp_path / "whole", progress=False)
 
-    real = train_mod._lr_at
-
-    def crash_at_7(step, *a):
-        if step == 7:
-            raise RuntimeError("simulated crash")
-        return real(step, *a)
-
-    monkeypatch.setattr(train_mod, "_lr_at", crash_at_7)
-    with pytest.raises(RuntimeError):
+    with crash_training_at(7), pytest.raises(RuntimeError):
         train_adapter(tiny, task, adapter, cfg, tmp_path / "resumed", progress=False)
     assert json.loads((tmp_path / "resumed.ckpt" / "state.json").read_text())["step"] == 6
-    monkeypatch.setattr(train_mod, "_lr_at", real)
     m = train_adapter(tiny, task, adapter, cfg, tmp_path / "resumed", progress=False)
     assert m["resumed_from"] == 6
     a, b = read_adapter(tmp_path / "whole")[1], read_adapter(tmp_path / "resumed")[1]
