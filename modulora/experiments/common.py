@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..adapters import AdapterConfig
@@ -113,28 +113,27 @@ class Context:
     device: str = "auto"      # where the base runs (modulora.compute)
     dtype: str = "auto"
     ray: object = None        # RayOptions: library builds and evaluations run as Ray tasks
-    _base: object = None
-    _eval_base: object = None
+    _bases: dict = field(default_factory=dict)  # serving? -> the loaded base
 
     @property
     def base(self):
         """The base that trains (and fingerprints the libraries)."""
-        if self._base is None:
-            from ..base import load_base
-
-            self._base = load_base(self.settings.base, device=self.device, dtype=self.dtype)
-        return self._base
+        return self._loaded(serving=False)
 
     @property
     def eval_base(self):
         """The base that the evaluations generate with, in the precision `modulora eval` and the
         server use (on a CPU with AMX: bf16 weights, which multiply batched prompts several times
         faster than fp32; bench/results/precision.md)."""
-        if self._eval_base is None:
+        return self._loaded(serving=True)
+
+    def _loaded(self, serving: bool):
+        if serving not in self._bases:
             from ..base import load_base
 
-            self._eval_base = load_base(self.settings.base, device=self.device, dtype=self.dtype, serving=True)
-        return self._eval_base
+            self._bases[serving] = load_base(self.settings.base, device=self.device, dtype=self.dtype,
+                                             serving=serving)
+        return self._bases[serving]
 
     def train_config(self, steps: int | None = None, max_length: int | None = None) -> TrainConfig:
         """The settings' training config, in this run's precision (--dtype)."""
@@ -258,7 +257,7 @@ def precision(ctx: Context) -> str:
     from ..compute import resolve
 
     train = resolve(ctx.device, ctx.dtype, training=True).describe()
-    return f"training {train}, evaluation {ctx.eval_base.compute.describe()}"
+    return f"training {train}, evaluation {resolve(ctx.device, ctx.dtype, serving=True).describe()}"
 
 
 def write_report(ctx: Context, title: str, body: list[str]) -> Path:

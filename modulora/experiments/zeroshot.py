@@ -86,12 +86,13 @@ def oracles_and_general(ctx: Context, tasks: list[str], progress: bool) -> tuple
         task.name = name
         jobs.append((task, ctx.work / "oracle" / name, ctx.settings.zs_steps))
     general = general_task(ctx)
-    jobs.append((general, ctx.work / "general" / general.name, ctx.settings.general_steps))
+    general_out = ctx.work / "general" / general.name
+    jobs.append((general, general_out, ctx.settings.general_steps))
     train_many(ctx, jobs, progress=progress, desc="oracles and general")
     lib = ctx.work / "lib-oracle"
     for name in tasks:
         add(ctx, lib, name, ctx.work / "oracle" / name)
-    return lib, jobs[-1][1]
+    return lib, general_out
 
 
 def run(ctx: Context, progress: bool = True) -> dict:
