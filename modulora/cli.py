@@ -58,6 +58,8 @@ def cmd_generate(args) -> None:
         raise SystemExit("error: give at least one --prompt")
     if sum(map(bool, (args.adapter, args.base_only, args.route))) != 1:
         raise SystemExit("error: give one of --adapter NAME, --route POLICY or --base-only")
+    if arrow_settings(args) and not (args.route == "arrow" or args.fallback == "arrow"):
+        raise SystemExit("error: --arrow-* settings apply to --route arrow or --fallback arrow")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop))
     params.validate()
@@ -67,7 +69,8 @@ def cmd_generate(args) -> None:
 
         router = Router(base, _library(args))
         answers = router.answer(args.prompt, [args.route] * len(args.prompt), top_k=args.top_k, mode=args.mode,
-                                explain=args.explain, sampling=params, fallback=args.fallback)
+                                explain=args.explain, sampling=params, fallback=args.fallback,
+                                arrow=arrow_settings(args))
         for prompt, ans in zip(args.prompt, answers):
             print(f">>> {prompt}\n{ans.text.strip()}")
             if args.explain:
@@ -137,10 +140,19 @@ def cmd_eval(args) -> None:
                           loglik=args.loglik, max_new_tokens=args.max_new_tokens, name=name,
                           positive_examples=args.positive_examples) for name, f in files]
     routes = list(args.route) + ([args.adapter] if args.adapter else [])
+    arrow = arrow_settings(args)
+    if arrow and not ("arrow" in routes or args.fallback == "arrow"):
+        raise SystemExit("error: --arrow-* settings apply to --route arrow or --fallback arrow")
+
+    def uses_arrow(r: str) -> bool:
+        return r == "arrow" or (r in ("retrieval", "learned") and args.fallback == "arrow")
+
     methods = [Method(name=(r if r == "base" or args.top_k == 1 or "," in r or ":" in r else f"{r} top-{args.top_k}")
-                      + (f" abstain->{args.fallback}" if args.fallback and r in ("retrieval", "learned") else ""),
+                      + (f" abstain->{args.fallback}" if args.fallback and r in ("retrieval", "learned") else "")
+                      + (" (" + ", ".join(f"{k} {v}" for k, v in arrow.items()) + ")" if arrow and uses_arrow(r) else ""),
                       route=r, top_k=args.top_k, mode=args.mode,
-                      fallback=args.fallback if r in ("retrieval", "learned") else None) for r in routes or ["base"]]
+                      fallback=args.fallback if r in ("retrieval", "learned") else None,
+                      arrow=arrow if uses_arrow(r) else None) for r in routes or ["base"]]
     lib = args.library or str(_library(args).root)
     check_methods(methods, lib)  # before the model loads
     ray = ray_options(args)
@@ -193,6 +205,25 @@ def cmd_demo(args) -> None:
 
     run_demo(base_name=args.base, steps=args.steps, n_eval=args.n_eval, workdir=args.workdir, device=args.device,
              dtype=args.dtype)
+
+
+def add_arrow_args(p: argparse.ArgumentParser) -> None:
+    """Arrow's settings beside --top-k (see modulora.routing.arrow)."""
+    p.add_argument("--arrow-temperature", type=float, default=None,
+                   help="arrow: softmax temperature over the top-k scores (default 1)")
+    p.add_argument("--arrow-cosine", action="store_true", help="arrow: score by cosine, not the raw dot product")
+    p.add_argument("--arrow-prototypes", default=None, choices=["product", "a"],
+                   help="arrow: each expert's prototype from B A (default) or from A alone")
+    p.add_argument("--arrow-modules", default=None, metavar="REGEX",
+                   help="arrow: route per token only in modules matching REGEX; the others mix all experts equally")
+
+
+def arrow_settings(args) -> dict | None:
+    """The Arrow settings given on the command line (None: none given)."""
+    got = {"temperature": args.arrow_temperature, "normalize": args.arrow_cosine or None,
+           "prototypes": args.arrow_prototypes, "modules": args.arrow_modules}
+    got = {k: v for k, v in got.items() if v is not None}
+    return got or None
 
 
 def add_compute_args(p: argparse.ArgumentParser) -> None:
@@ -277,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fallback", default=None, choices=FALLBACKS,
                    help="retrieval/learned: when the best expert's score is under the calibrated threshold, "
                         "answer with this instead (modulora router calibrate / router train fit it)")
+    add_arrow_args(g)
     g.add_argument("--base-only", action="store_true")
     g.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     g.add_argument("--base", default=None, help=base_help)
@@ -298,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top-k", type=int, default=1)
     e.add_argument("--fallback", default=None, choices=FALLBACKS,
                    help="retrieval/learned routes abstain under their calibrated threshold to this policy")
+    add_arrow_args(e)
     e.add_argument("--mode", default="mixture", choices=["mixture", "average"])
     e.add_argument("--base", default=None, help=base_help)
     e.add_argument("--n", type=int, default=None, help="a seeded subsample of at most N examples per task")

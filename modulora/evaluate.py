@@ -17,7 +17,7 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ class Method:
     mode: str = "mixture"
     exclude_own: bool = False
     fallback: str | None = None       # retrieval / learned: abstain under the threshold to this policy
+    arrow: dict | None = None         # Arrow's other settings (modulora.routing.arrow.SETTINGS)
 
 
 def auto_metrics(fmt: str, references: list[str]) -> list[str]:
@@ -142,6 +143,13 @@ def check_methods(methods: list[Method], default_library: str | None,
             if m.route not in ("retrieval", "learned") or m.fallback not in FALLBACKS:
                 raise EvalError(f"method {m.name!r}: a fallback ({', '.join(FALLBACKS)}) is for the retrieval and "
                                 f"learned routes; got fallback {m.fallback!r} with route {m.route!r}")
+        if m.arrow is not None:
+            from .routing.arrow import SETTINGS
+
+            unknown = sorted(set(m.arrow) - set(SETTINGS))
+            if m.route != "arrow" and m.fallback != "arrow" or unknown:
+                raise EvalError(f"method {m.name!r}: Arrow settings ({', '.join(SETTINGS)}) are for the arrow route "
+                                f"or fallback; got {sorted(m.arrow)} with route {m.route!r}")
         if m.route == "base":
             continue
         lib_path = m.library or default_library
@@ -307,9 +315,11 @@ def _check_settings(out: Path, tasks: list[EvalTask], methods: list[Method], lib
            "tasks": {t.name: {"metrics": t.metrics, "max_new_tokens": t.max_new_tokens, "loglik": t.loglik,
                               "ids": [ex.id for ex in t.examples]} for t in tasks}}
     old = json.loads(path.read_text()) if path.exists() else {"methods": {}, "tasks": {}}
+    added = {f.name: f.default for f in fields(Method)}  # a folder from before a field existed ran its default
     for kind in ("methods", "tasks"):
         for name, settings in new[kind].items():
-            if name in old[kind] and old[kind][name] != json.loads(json.dumps(settings)):
+            was = {**added, **old[kind][name]} if kind == "methods" and name in old[kind] else old[kind].get(name)
+            if name in old[kind] and was != json.loads(json.dumps(settings)):
                 raise EvalError(f"{out} holds results of {kind[:-1]} {name!r} run with other settings; "
                                 "use another output folder, or remove that one")
             old[kind][name] = settings
@@ -340,16 +350,16 @@ def _run_chunk(router, m: Method, t: EvalTask, rows: list[int], batch_size: int)
         options = [options_of(ex, metric) for ex in chunk]
         conts = [[_continuation(o, metric) for o in opts] for opts in options]
         lps = continuation_logprobs(router, prompts, conts, routes, top_k=m.top_k, mode=m.mode,
-                                    batch_size=batch_size, exclude=exclude, fallback=m.fallback)
+                                    batch_size=batch_size, exclude=exclude, fallback=m.fallback, arrow=m.arrow)
         texts = [_continuation(opts[max(range(len(lp)), key=lp.__getitem__)], metric)
                  for opts, lp in zip(options, lps)]
         answers = [None] * len(chunk)
         if m.route != "base":  # which experts the route picks, for the heatmap (one cheap pass)
             answers = router.answer(prompts, routes, top_k=m.top_k, mode=m.mode, max_new_tokens=0,
-                                    batch_size=batch_size, exclude=exclude, fallback=m.fallback)
+                                    batch_size=batch_size, exclude=exclude, fallback=m.fallback, arrow=m.arrow)
     else:
         answers = router.answer(prompts, routes, top_k=m.top_k, mode=m.mode, max_new_tokens=t.max_new_tokens,
-                                batch_size=batch_size, exclude=exclude, fallback=m.fallback)
+                                batch_size=batch_size, exclude=exclude, fallback=m.fallback, arrow=m.arrow)
         texts = [a.text.strip() for a in answers]
     recs = []
     for i, ex, text, a in zip(rows, chunk, texts, answers):

@@ -137,6 +137,19 @@ def test_evaluate_resumes_and_reports(tmp_path, tiny, tiny_library):
     # the same folder with other settings for a method already there is refused
     with pytest.raises(EvalError, match="other settings"):
         evaluate(tiny, tasks, [Method("capital", "upper")], out, library=str(lib), progress=False)
+    # a folder written before Method had its `arrow` field resumes (it ran the default); a method
+    # with Arrow settings is recorded with them, and other settings under its name are refused
+    settings = json.loads((out / "settings.json").read_text())
+    for m in settings["methods"].values():
+        del m["arrow"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    a_side = Method("arrow a", "arrow", top_k=2, arrow={"prototypes": "a", "modules": "mlp"})
+    res3 = evaluate(tiny, tasks, methods + [a_side], out, library=str(lib), batch_size=4, progress=False)
+    assert res3.scores["arrow"] == res.scores["arrow"] and set(res3.routing["arrow a"]["capital"]) == {"capital",
+                                                                                                        "upper"}
+    assert json.loads((out / "settings.json").read_text())["methods"]["arrow a"]["arrow"] == a_side.arrow
+    with pytest.raises(EvalError, match="other settings"):
+        evaluate(tiny, tasks, [Method("arrow a", "arrow", top_k=2)], out, library=str(lib), progress=False)
 
 
 def test_route_checks_before_compute(tmp_path, tiny_library):
@@ -149,6 +162,12 @@ def test_route_checks_before_compute(tmp_path, tiny_library):
     with pytest.raises(EvalError, match="'geography'"):  # oracle routes need the task's own adapter
         evaluate(None, [prepare_task(files["capital"], n=2, name="geography")], [Method("o", "own")],
                  tmp_path / "o", library=str(lib), progress=False)
+    with pytest.raises(EvalError, match="Arrow settings"):
+        evaluate(None, [task], [Method("x", "capital", arrow={"normalize": True})], tmp_path / "o",
+                 library=str(lib), progress=False)
+    with pytest.raises(EvalError, match="Arrow settings"):
+        evaluate(None, [task], [Method("x", "arrow", arrow={"temp": 1.0})], tmp_path / "o", library=str(lib),
+                 progress=False)
     with pytest.raises(EvalError, match="library not found"):
         evaluate(None, [task], [Method("o", "own")], tmp_path / "o", library=str(tmp_path / "none"), progress=False)
     assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@ writes its reports, and a rerun reuses every trained adapter. Needs the shared d
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,12 @@ def test_quick_experiment(work, name, capsys):
     assert "Mode: quick" in text and "Environment: modulora" in text and "Target" in text
     assert "Precision: training cpu fp32" in text and ", evaluation cpu " in text
     assert "| base" in text or "| learned (L2R)" in text
+    if name == "zeroshot":  # the Arrow ablation: one setting changed at a time, each with its interval
+        ablation = text.split("## Arrow settings")[1].split("## Per task")[0]
+        for row in ("| top-1 |", "| temperature 0.1 |", "| prototypes from A |", "| routing in the MLPs only |",
+                    "| routing in layers 1-1 only |"):
+            assert re.search(re.escape(row) + r" [\d.]+ \| [\d.]+ \| [+-][\d.]+ \([+-][\d.]+ to [+-][\d.]+\) \|",
+                             ablation), (row, ablation)
     for image in {"zeroshot": ["accuracy.png", "routing.png", "mbc-similarity.png"], "mixed": ["per-task.png"],
                   "continual": ["average-by-step.png"], "family": ["math.png", "commonsense.png"]}[name]:
         assert (report.parent / image).stat().st_size > 1000

@@ -85,3 +85,30 @@ def test_explain_summarises_the_requests_own_tokens(tiny):
         ids, (lo, hi) = eng.encode_prompt(text)
         assert ids == tok(render_prompt(tok, Example("", text, "")), add_special_tokens=False)["input_ids"]
         assert tok.decode(ids[lo:hi]).strip() == text
+
+
+def test_arrow_settings_reach_the_route(capsys, lib, tiny):
+    """--arrow-* on the command line and `arrow=` in the API: a module Arrow does not route in
+    mixes every expert equally; settings for a route that is not Arrow are refused."""
+    from modulora.library import Library
+
+    r = Router(tiny, Library(lib))
+    equal = {n: 1 / len(r.lora_names()) for n in r.lora_names()}  # earlier tests may have added adapters
+    prompt = "Rewrite the text in capital letters.\n\napple river"
+    a = r.answer([prompt], ["arrow"], top_k=1, max_new_tokens=2, explain=True, arrow={"modules": r"mlp"})[0]
+    for module, weights in a.per_layer.items():
+        if "mlp" not in module:
+            assert weights == pytest.approx(equal), module
+    plain = r.answer([prompt], ["arrow"], top_k=1, max_new_tokens=2, explain=True)[0]
+    assert any(w != pytest.approx(equal) for m, w in plain.per_layer.items() if "mlp" not in m)
+    with pytest.raises(RoutingError, match="unknown Arrow setting 'temp'"):
+        r.resolve([prompt], ["arrow"], top_k=1, arrow={"temp": 2})
+    code, out, err = run(capsys, lib, "generate", "--base", "tiny", "--route", "arrow", "--top-k", "2",
+                         "--arrow-prototypes", "a", "--arrow-temperature", "0.5", "--arrow-cosine",
+                         "--prompt", prompt, "--max-new-tokens", "2", "--explain")
+    assert code == 0 and "layer  0:" in out, err
+    code, out, err = run(capsys, lib, "generate", "--base", "tiny", "--route", "arrow", "--arrow-modules", "mlp(",
+                         "--prompt", prompt, "--max-new-tokens", "2")
+    assert code == 2 and "regular expression" in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit, match="apply to --route arrow"):
+        run(capsys, lib, "generate", "--base", "tiny", "--route", "uniform", "--arrow-cosine", "--prompt", prompt)

@@ -5,6 +5,7 @@ and refusals of bad input."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -138,14 +139,17 @@ def seq_delta(experts, route, mode, module, x):
     return x @ A.T @ B.T
 
 
-def svd_prototype(e, module):
-    _, _, Vh = torch.linalg.svd((e.B[module] @ e.A[module]).double())
+def svd_prototype(e, module, kind="product"):
+    _, _, Vh = torch.linalg.svd((e.A[module] if kind == "a" else e.B[module] @ e.A[module]).double())
     return Vh[0].float()
 
 
 def arrow_delta(experts, names, spec, mode, module, x):
-    """Reference Arrow from dense SVD prototypes, token by token."""
-    P = torch.stack([svd_prototype(experts[n], module) for n in names])
+    """Reference Arrow from dense SVD prototypes, token by token; a module Arrow does not route
+    in mixes every expert with equal weights."""
+    if spec.modules is not None and not re.search(spec.modules, module):
+        return seq_delta(experts, {n: 1.0 for n in names}, mode, module, x), None
+    P = torch.stack([svd_prototype(experts[n], module, spec.prototypes) for n in names])
     scores = x @ P.T
     if spec.normalize:
         scores = scores / x.norm(dim=-1, keepdim=True)
@@ -307,6 +311,40 @@ def test_arrow_equals_svd_reference(setup, batch, monkeypatch, kernel, mode):
     torch.testing.assert_close((y - F.linear(x, mod.weight)).reshape(want.shape), want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["mixture", "average"])
+def test_arrow_prototypes_from_a_and_routing_in_some_modules_only(setup, batch, mode):
+    """`prototypes="a"` scores by A's top right singular vector; `modules` routes per token only
+    where the pattern matches, every expert at equal weight elsewhere (and the report says so)."""
+    ids, mask = batch
+    es, model, experts = setup["es"], setup["model"], setup["experts"]
+    specs = [Arrow(top_k=2, prototypes="a"), Arrow(top_k=1, modules=r"mlp"), None,
+             Arrow(top_k=2, prototypes="a", modules=r"self_attn\.q_proj", temperature=2.0)]
+    plan = RoutingPlan(es, specs, mode, explain=True)
+    cap = Capture(model, MODS)
+    try:
+        logits_of(model, ids, mask, plan)
+    finally:
+        cap.close()
+    for module in MODS:
+        x, y, mod = cap.calls[module][0]
+        delta = y - F.linear(x, mod.weight)
+        for i, spec in enumerate(specs):
+            if spec is not None:
+                v = mask[i].bool()
+                want, _ = arrow_delta(experts, NAMES, spec, mode, module, x[i][v])
+                torch.testing.assert_close(delta[i][v], want, atol=ATOL, rtol=0)
+    _, per_module = plan.report(1)
+    for module, weights in per_module.items():
+        if "mlp" in module:  # top-1: a token's whole weight on one expert
+            assert sum(weights.values()) == pytest.approx(1.0)
+        else:
+            assert weights == pytest.approx({n: 1 / len(NAMES) for n in NAMES})
+    # A's prototypes differ from the product's (else the first row would prove nothing)
+    a, product = arrow_mod.prototypes(es, "a"), arrow_mod.prototypes(es)
+    assert float((a[MODS[0]] - product[MODS[0]]).abs().max()) > 0.1
+    assert setup["lib"].get_derived(experts["e0"].object_id, arrow_mod.PROTOTYPES["a"]) is not None
+
+
 def test_arrow_equals_peft_arrow(setup, batch):
     from peft import ArrowConfig, create_arrow_model
 
@@ -337,7 +375,7 @@ def test_prototypes_are_top_singular_vectors_and_cached(setup, tmp_path, monkeyp
     # a second set over the same library: nothing recomputed
     calls = []
     real = arrow_mod.compute_prototypes
-    monkeypatch.setattr(arrow_mod, "compute_prototypes", lambda e: calls.append(e.name) or real(e))
+    monkeypatch.setattr(arrow_mod, "compute_prototypes", lambda e, kind="product": calls.append(e.name) or real(e, kind))
     again = arrow_mod.prototypes(ExpertSet(load_experts(lib)))
     assert calls == []
     for m in es.modules:
@@ -495,6 +533,14 @@ def test_other_bad_input(setup, tmp_path):
         RoutingPlan(es, [{"e0": 1}], "sum")
     with pytest.raises(RoutingError, match="temperature"):
         RoutingPlan(es, [Arrow(top_k=1, temperature=0)])
+    with pytest.raises(RoutingError, match="prototypes must be one of product, a"):
+        RoutingPlan(es, [Arrow(top_k=1, prototypes="b")])
+    with pytest.raises(RoutingError, match="regular expression"):
+        RoutingPlan(es, [Arrow(top_k=1, modules="mlp(")])
+    with pytest.raises(RoutingError, match="matches none of the experts' modules"):
+        RoutingPlan(es, [Arrow(top_k=1, modules="attention")])
+    with pytest.raises(RoutingError, match="unknown Arrow setting 'temp'"):
+        arrow_mod.arrow_route(2, {"temp": 0.5})
     with pytest.raises(RoutingError, match="a route is"):
         RoutingPlan(es, ["e0"])
     install(setup["model"], es)  # the same set again: nothing to do (an expert store that grew wraps more)

@@ -503,3 +503,20 @@ def test_token_routing_colours_every_generated_token(client, tiny):
     assert all(p["experts"] == {"upper": 0.7, "add": 0.3} and p["layers"] is None for p in pieces)
     plain = client.completions.create(model="upper", prompt=UPPER, max_tokens=3)
     assert "token_routing" not in plain.choices[0].model_extra
+
+
+def test_arrow_settings_are_honoured_or_refused(server, client):
+    """`arrow` (extension field) reaches Arrow: routing only in the MLPs leaves the attention
+    modules (4 of each layer's 7) at equal weights, so every expert keeps at least 4/7 of 1/3."""
+    body = {"route_top_k": 1, "arrow": {"modules": "mlp", "prototypes": "a", "temperature": 0.5}}
+    resp = client.completions.create(model="arrow", prompt=UPPER, max_tokens=3, extra_body=body)
+    experts = experts_of(resp)
+    assert set(experts) == set(ADAPTERS) and min(experts.values()) >= 4 / 7 / 3 - 1e-6, experts
+    for model, arrow, needle in (("upper", {"normalize": True}, "apply to model 'arrow'"),
+                                 ("arrow", {"modules": "mlp("}, "regular expression"),
+                                 ("arrow", {"modules": "attention"}, "matches none"),
+                                 ("arrow", {"temp": 1.0}, "temp"),
+                                 ("arrow", {"temperature": 0}, "temperature")):
+        r = httpx.post(f"{server[0]}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1,
+                                                             "arrow": arrow})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text

@@ -284,7 +284,17 @@ def met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _difference(res, a: str, b: str) -> tuple[float, float, float]:
+    return tuple(round(x, 1) + 0.0 for x in paired_difference(res, a, b))  # + 0.0: no "-0.0"
+
+
 def gap(res, a: str, b: str) -> str:
     """'a - b: +1.2 points (95% paired bootstrap interval -0.5 to +2.9)', for reading a verdict."""
-    d, lo, hi = (round(x, 1) + 0.0 for x in paired_difference(res, a, b))  # + 0.0: no "-0.0"
+    d, lo, hi = _difference(res, a, b)
     return f"{a} - {b}: {d:+.1f} points (95% paired bootstrap interval {lo:+.1f} to {hi:+.1f})"
+
+
+def interval(res, a: str, b: str) -> str:
+    """'+1.2 (-0.5 to +2.9)': a - b in points with its 95% paired bootstrap interval, for a table cell."""
+    d, lo, hi = _difference(res, a, b)
+    return f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})"

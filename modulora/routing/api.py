@@ -15,7 +15,7 @@ import math
 import sys
 
 from .abstain import Decision, check_fallback, decide
-from .arrow import Arrow
+from .arrow import Arrow, arrow_route
 from .batch import generate_routed
 from .requests import Answer, EngineRequest, SamplingParams
 from .experts import LoraExpert, RoutingError, load_experts
@@ -120,14 +120,15 @@ class Router:
         return {n: self._family[ids[n]] for n in names}
 
     def resolve(self, prompts: list[str], routes: list[str], top_k: int = 1,
-                exclude: list[list[str]] | None = None, fallback: str | None = None
-                ) -> list[dict[str, float] | Arrow | None]:
-        """One route object per prompt (see the module docstring), checked before any compute."""
-        return self.resolve_traced(prompts, routes, top_k, exclude, fallback)[0]
+                exclude: list[list[str]] | None = None, fallback: str | None = None,
+                arrow: dict | None = None) -> list[dict[str, float] | Arrow | None]:
+        """One route object per prompt (see the module docstring), checked before any compute;
+        `arrow`: Arrow's other settings (`arrow.SETTINGS`) for its routes and fallbacks."""
+        return self.resolve_traced(prompts, routes, top_k, exclude, fallback, arrow)[0]
 
     def resolve_traced(self, prompts: list[str], routes: list[str], top_k: int = 1,
-                       exclude: list[list[str]] | None = None, fallback: str | None = None
-                       ) -> tuple[list, list[Decision | None]]:
+                       exclude: list[list[str]] | None = None, fallback: str | None = None,
+                       arrow: dict | None = None) -> tuple[list, list[Decision | None]]:
         """`resolve`'s routes, and per prompt the abstention's Decision (retrieval and learned
         routes when `fallback` names a policy for requests no expert fits; else None)."""
         check_fallback(fallback)
@@ -155,10 +156,11 @@ class Router:
         names = self.lora_names()
         if any(p != "uniform" for p in by_policy) and not 1 <= top_k <= len(names):
             raise RoutingError(f"top_k={top_k} but the library has {len(names)} LoRA adapter(s)")
+        arrow_spec = arrow_route(top_k, arrow) if "arrow" in by_policy or fallback == "arrow" else None
         for i in by_policy.get("uniform", []):
             out[i] = {n: 1.0 / len(names) for n in names}
         for i in by_policy.get("arrow", []):
-            out[i] = Arrow(top_k=top_k)
+            out[i] = arrow_spec
         for policy in ("retrieval", "learned"):
             idx = by_policy.get(policy, [])
             if idx:
@@ -170,17 +172,17 @@ class Router:
                 for i, route, d in zip(idx, chosen, said):
                     out[i], decisions[i] = route, d
                     if d is not None and d.abstained:
-                        out[i] = self._fallback_route(d.fallback, names, top_k)
+                        out[i] = self._fallback_route(d.fallback, names, arrow_spec)
         return out, decisions
 
     @staticmethod
-    def _fallback_route(fallback: str, names: list[str], top_k: int):
+    def _fallback_route(fallback: str, names: list[str], arrow: Arrow):
         """The route of a request that abstained: the base, the uniform mixture, or Arrow."""
         if fallback == "base":
             return None
         if fallback == "uniform":
             return {n: 1.0 / len(names) for n in names}
-        return Arrow(top_k=top_k)
+        return arrow
 
     def _sequence_router(self, policy: str):
         if policy == "retrieval":
@@ -198,11 +200,12 @@ class Router:
     def answer(self, prompts: list[str], routes: list[str], top_k: int = 1, mode: str = "mixture",
                max_new_tokens: int = 64, explain: bool = False, batch_size: int = 16,
                exclude: list[list[str]] | None = None, sampling: SamplingParams | None = None,
-               fallback: str | None = None) -> list[Answer]:
+               fallback: str | None = None, arrow: dict | None = None) -> list[Answer]:
         """Answers for mixed requests, each with its own route, in shared batched passes; greedy
         unless `sampling` (whose max_tokens then counts) says otherwise. With `fallback`, retrieval
-        and learned routes abstain under their threshold (Answer.abstention says what happened)."""
-        resolved, decisions = self.resolve_traced(prompts, routes, top_k, exclude, fallback)
+        and learned routes abstain under their threshold (Answer.abstention says what happened);
+        `arrow` sets Arrow's other settings (`arrow.SETTINGS`)."""
+        resolved, decisions = self.resolve_traced(prompts, routes, top_k, exclude, fallback, arrow)
         params = sampling if sampling is not None else SamplingParams(max_tokens=max_new_tokens)
         requests = [EngineRequest(p, r, mode=mode, params=params) for p, r in zip(prompts, resolved)]
         others, uses_lora = self.family_for(resolved)

@@ -12,6 +12,11 @@ and mixes their outputs with softmax(score / temperature) over those k:
 With `normalize=True` the score uses x / |x| (a cosine); PEFT's Arrow (peft 0.21 `ArrowConfig`)
 does not normalise, and so the default matches it. The experts' scalings are part of B_e.
 
+Two settings for studying what matters (experiment 2's Arrow ablation): `prototypes="a"` takes
+v_e from A_e alone (the input direction the expert reads most, whatever B_e does with it), and
+`modules` (a regular expression) routes per token only in the modules whose names it matches,
+mixing every candidate with equal weights in the others (between Arrow and the uniform mixture).
+
 Prototypes are computed once per adapter without forming the [out, in] matrix (QR of B and of
 A^T, then the SVD of the small r x r core) and cached in the library as `arrow-v1` derived data.
 """
@@ -19,6 +24,7 @@ A^T, then the SVD of the small r x r core) and cached in the library as `arrow-v
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +34,8 @@ from safetensors.torch import save as st_save
 from .experts import ExpertSet, LoraExpert, RoutingError, cache_derived
 
 ARROW_KIND = "arrow-v1"
+# prototype kind -> its cache kind in the library: from the product B A, or from A alone
+PROTOTYPES = {"product": ARROW_KIND, "a": "arrow-a-v1"}
 
 # Kernel choice for the expert products (see bench/routing_layer_micro.py and `mixed_delta`): one
 # masked product over all the candidates ("dense": two efficient GEMMs, no host sync) while they
@@ -42,25 +50,50 @@ DENSE_MAX_TOKENS = 64   # ... or while there are at most this many tokens
 @dataclass(frozen=True)
 class Arrow:
     """A per-token route: top `top_k` experts by |<x, v_e>|, softmax(score / temperature) over them.
-    `experts` limits the candidates to these names (default: every expert of the set)."""
+    `experts` limits the candidates to these names (default: every expert of the set);
+    `prototypes` and `modules`: see the module docstring."""
 
     top_k: int = 4
     temperature: float = 1.0
     normalize: bool = False
     experts: tuple[str, ...] | None = None
+    prototypes: str = "product"
+    modules: str | None = None
+
+    def routes(self, module: str) -> bool:
+        """Whether tokens route per token in this module (else: every candidate, equal weights)."""
+        return self.modules is None or re.search(self.modules, module) is not None
 
     def __post_init__(self):
         if self.experts is not None and not isinstance(self.experts, tuple):
             object.__setattr__(self, "experts", tuple(self.experts))
 
-    def candidates(self, expert_set: ExpertSet) -> list[int]:
-        """Indices of the candidate experts; RoutingError for any setting that cannot work."""
+    def check(self) -> None:
+        """RoutingError for a setting that cannot work, whatever the experts."""
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise RoutingError(f"Arrow top_k must be a positive integer, got {k!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise RoutingError(f"Arrow temperature must be a finite number > 0, got {t!r}")
+        if not isinstance(self.normalize, bool):
+            raise RoutingError(f"Arrow normalize must be true or false, got {self.normalize!r}")
+        if not isinstance(self.prototypes, str) or self.prototypes not in PROTOTYPES:
+            raise RoutingError(f"Arrow prototypes must be one of {', '.join(PROTOTYPES)}; got {self.prototypes!r}")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except (re.error, TypeError) as e:
+                raise RoutingError(f"Arrow modules must be a regular expression; {self.modules!r}: {e}") from None
+
+    def candidates(self, expert_set: ExpertSet) -> list[int]:
+        """Indices of the candidate experts; RoutingError for any setting that cannot work."""
+        self.check()
+        modules = expert_set.modules
+        if self.modules is not None and not any(self.routes(m) for m in modules):
+            raise RoutingError(f"Arrow modules {self.modules!r} matches none of the experts' modules "
+                               f"(e.g. {modules[0] if modules else 'none loaded'})")
+        k = self.top_k
         if self.experts is None:
             cand = expert_set.occupied()
             if not cand:
@@ -75,6 +108,21 @@ class Arrow:
             raise RoutingError(f"Arrow top_k={k} is larger than the number of experts to choose from "
                                f"({len(cand)})")
         return cand
+
+
+SETTINGS = ("temperature", "normalize", "prototypes", "modules")  # what a request may set beside top_k
+
+
+def arrow_route(top_k: int, settings: dict | None = None) -> Arrow:
+    """The Arrow route of a request: its top_k and the `SETTINGS` it names (the rest default);
+    RoutingError for a setting Arrow does not have."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise RoutingError(f"unknown Arrow setting {unknown[0]!r}; Arrow takes {', '.join(SETTINGS)}")
+    spec = Arrow(top_k=top_k, **settings)
+    spec.check()
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,25 +146,36 @@ def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
 
 
-def compute_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def top_right_singular_vectors_of_a(A: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of each A[i] ([..., r, in] -> [..., in]), sign fixed as above."""
+    _, _, Vh = torch.linalg.svd(A.detach().to(torch.float64), full_matrices=False)
+    v = Vh[..., 0, :]
+    lead = torch.gather(v, -1, v.abs().argmax(-1, keepdim=True))
+    v = torch.where(lead < 0, -v, v)
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+def compute_prototypes(expert: LoraExpert, kind: str = "product") -> dict[str, torch.Tensor]:
     """module -> prototype [in] (float32) for one expert; modules of equal shapes in one batch."""
     groups: dict[tuple, list[str]] = {}
     for m in sorted(expert.A):
         groups.setdefault((tuple(expert.A[m].shape), tuple(expert.B[m].shape)), []).append(m)
     out = {}
     for mods in groups.values():
-        v = top_right_singular_vectors(torch.stack([expert.A[m] for m in mods]),
-                                       torch.stack([expert.B[m] for m in mods]))
+        A = torch.stack([expert.A[m] for m in mods])
+        v = (top_right_singular_vectors_of_a(A) if kind == "a"
+             else top_right_singular_vectors(A, torch.stack([expert.B[m] for m in mods])))
         for m, row in zip(mods, v):
             out[m] = row.to(torch.float32).contiguous()
     return out
 
 
-def _cached(expert: LoraExpert) -> dict[str, torch.Tensor] | None:
+def _cached(expert: LoraExpert, kind: str) -> dict[str, torch.Tensor] | None:
     lib = expert.library
     if lib is None or not expert.object_id:
         return None
-    blob = lib.get_derived(expert.object_id, ARROW_KIND)
+    blob = lib.get_derived(expert.object_id, PROTOTYPES[kind])
     if blob is None:
         return None
     try:
@@ -128,20 +187,20 @@ def _cached(expert: LoraExpert) -> dict[str, torch.Tensor] | None:
     return protos if ok else None
 
 
-def expert_prototypes(expert: LoraExpert) -> dict[str, torch.Tensor]:
-    """An expert's prototypes: from its library's cache, else computed (and cached there)."""
-    protos = _cached(expert)
+def expert_prototypes(expert: LoraExpert, kind: str = "product") -> dict[str, torch.Tensor]:
+    """An expert's prototypes of `kind`: from its library's cache, else computed (and cached there)."""
+    protos = _cached(expert, kind)
     if protos is None:
-        protos = compute_prototypes(expert)
+        protos = compute_prototypes(expert, kind)
         if expert.library is not None and expert.object_id:
-            cache_derived(expert.library, expert.object_id, ARROW_KIND, st_save(protos))
+            cache_derived(expert.library, expert.object_id, PROTOTYPES[kind], st_save(protos))
     return protos
 
 
-def prototypes(expert_set: ExpertSet) -> dict[str, torch.Tensor]:
+def prototypes(expert_set: ExpertSet, kind: str = "product") -> dict[str, torch.Tensor]:
     """module -> [slots, in] prototypes of an expert set (each adapter's computed once per
     library, and once per slot it is loaded into)."""
-    return expert_set.prototypes()
+    return expert_set.prototypes(kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +225,14 @@ def route_tokens(x: torch.Tensor, protos: torch.Tensor, spec: Arrow,
     if cand is not None:
         idx = cand[idx]
     return idx, w
+
+
+def uniform_tokens(n: int, allowed: torch.Tensor | None, C: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_tokens`' result where a module does not route: every candidate (of the C; those
+    `allowed` where given) with equal weights, for each of n tokens."""
+    keep = torch.ones(C, device=device) if allowed is None else allowed.to(torch.float32)
+    w = (keep / keep.sum()).expand(n, C)
+    return torch.arange(C, device=device).expand(n, C), w
 
 
 def coefficients(idx: torch.Tensor, w: torch.Tensor, E: int) -> torch.Tensor:
@@ -263,5 +330,5 @@ def _sorted_delta(x, A, Bt, idx, w, counts, average, out=None):
     return out
 
 
-__all__ = ["Arrow", "ARROW_KIND", "prototypes", "expert_prototypes", "compute_prototypes",
+__all__ = ["Arrow", "SETTINGS", "arrow_route", "ARROW_KIND", "PROTOTYPES", "prototypes", "uniform_tokens", "expert_prototypes", "compute_prototypes",
            "top_right_singular_vectors", "route_tokens", "coefficients", "mixed_delta", "dense_delta"]

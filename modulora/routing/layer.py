@@ -355,7 +355,7 @@ class RoutingPlan:
             else:
                 raise RoutingError(f"row {i}: a route is a dict of expert weights, an Arrow, or None; got "
                                    f"{type(route).__name__}")
-        self.protos = None
+        self.protos: dict[str, dict[str, torch.Tensor]] = {}  # prototype kind -> module -> [slots, in]
         self.fwd: _Forward | None = None
         self.token_mask: torch.Tensor | None = None  # this forward's real tokens [b, t]
         # report() summarises a row over its own tokens: [lo, hi) of the prompt per row, set by
@@ -406,8 +406,9 @@ class RoutingPlan:
         self.arrows = [_ArrowGroup(spec, pos, expert_set, mode == "average", self.b, device)
                        for (spec, mode), pos in arrow_rows.items()]
         self.active = bool(mix_rows or avg_rows or arrow_rows)
-        if self.arrows and self.protos is None:
-            self.protos = arrow_mod.prototypes(expert_set)
+        for g in self.arrows:
+            if g.spec.prototypes not in self.protos:
+                self.protos[g.spec.prototypes] = arrow_mod.prototypes(expert_set, g.spec.prototypes)
         self._cache: dict = {}  # per-module tensors of these groups
 
     # -- per forward ---------------------------------------------------------------------------
@@ -606,8 +607,11 @@ class RoutingPlan:
             if tok.toks.numel() == 0:
                 return
             xf = xf.index_select(0, tok.toks)
-        xr = xf if xf.dtype == protos.dtype else xf.to(protos.dtype)      # routing in the prototypes' dtype
-        idx, w = arrow_mod.route_tokens(xr, protos, g.spec, allowed=allowed)   # candidate positions
+        if g.spec.routes(name):
+            xr = xf if xf.dtype == protos.dtype else xf.to(protos.dtype)  # routing in the prototypes' dtype
+            idx, w = arrow_mod.route_tokens(xr, protos, g.spec, allowed=allowed)   # candidate positions
+        else:
+            idx, w = arrow_mod.uniform_tokens(xf.shape[0], allowed, protos.shape[0], xf.device)
         if tok.scale is not None:
             w = w * tok.scale.unsqueeze(1)                                # pads get nothing
         coeff = arrow_mod.coefficients(idx, w, protos.shape[0])           # [n, candidates]
@@ -662,7 +666,7 @@ class RoutingPlan:
             experts = getattr(self.expert_set, "experts", None)
             present = [experts is None or (experts[s] is not None and name in experts[s].A) for s in g.cand_list]
             allowed = None if all(present) else torch.tensor(present, device=A.device)
-            got = (_take(self.protos[name], g.cand), allowed, _take(A, g.cand), _take(Bt, g.cand))
+            got = (_take(self.protos[g.spec.prototypes][name], g.cand), allowed, _take(A, g.cand), _take(Bt, g.cand))
             self._cache[key] = got if any(present) else None
         return self._cache[key]
 

@@ -12,18 +12,19 @@ from .requests import EngineRequest, SamplingParams
 
 def continuation_logprobs(router, prompts: list[str], continuations: list[list[str]], routes: list[str],
                           top_k: int = 1, mode: str = "mixture", batch_size: int = 16,
-                          exclude: list[list[str]] | None = None, fallback: str | None = None
-                          ) -> list[list[float]]:
+                          exclude: list[list[str]] | None = None, fallback: str | None = None,
+                          arrow: dict | None = None) -> list[list[float]]:
     """Per request, the summed log-probability of each continuation after the chat-rendered prompt:
     the engine's prompt log-probabilities (the numbers the server's `echo` + `logprobs` gives).
 
-    `router` is a `modulora.routing.api.Router`; routes are given as text, as for `Router.answer`.
+    `router` is a `modulora.routing.api.Router`; routes are given as text (and `arrow` settings),
+    as for `Router.answer`.
     """
     if len(continuations) != len(prompts):
         raise RoutingError(f"{len(prompts)} prompts but {len(continuations)} lists of continuations")
     if any(not c for c in continuations):
         raise RoutingError("every request needs at least one continuation to score")
-    resolved = router.resolve(prompts, routes, top_k, exclude, fallback)
+    resolved = router.resolve(prompts, routes, top_k, exclude, fallback, arrow)
     others, uses_lora = router.family_for(resolved)
     eng = router.engine()
     eng.use_experts(router.experts() if uses_lora else [], exclusive=True)

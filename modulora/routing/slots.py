@@ -43,8 +43,9 @@ class ExpertSlots:
         self.A: dict[str, torch.Tensor] = {}
         self.Bt: dict[str, torch.Tensor] = {}
         self.present: dict[str, torch.Tensor] = {}
-        self._protos: dict[str, torch.Tensor] = {}  # module -> [capacity, in], filled per slot on demand
-        self._proto_done: set[int] = set()
+        # (prototype kind, module) -> [capacity, in], filled per slot on demand; (kind, slot) done
+        self._protos: dict[tuple[str, str], torch.Tensor] = {}
+        self._proto_done: set[tuple[str, int]] = set()
         self.version = 0  # bumped on every change: plans and caches built on the old contents are stale
         self._copies: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}  # stacks()
 
@@ -115,7 +116,7 @@ class ExpertSlots:
         self._copy_slot(slot)
         self.names[slot], self.experts[slot] = expert.name, expert
         self._index[expert.name] = slot
-        self._proto_done.discard(slot)
+        self._proto_done = {d for d in self._proto_done if d[1] != slot}
         self.version += 1
         return slot
 
@@ -130,7 +131,7 @@ class ExpertSlots:
             self.present[m][slot] = False
         self._copy_slot(slot)
         self.names[slot], self.experts[slot] = None, None
-        self._proto_done.discard(slot)
+        self._proto_done = {d for d in self._proto_done if d[1] != slot}
         self.version += 1
 
     def _add_module(self, m: str, d_in: int, d_out: int) -> None:
@@ -138,7 +139,7 @@ class ExpertSlots:
         self.A[m] = torch.zeros(self.capacity, self.rank, d_in, **kw)
         self.Bt[m] = torch.zeros(self.capacity, self.rank, d_out, **kw)
         self.present[m] = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
-        self._protos.pop(m, None)
+        self._protos = {k: v for k, v in self._protos.items() if k[1] != m}
         self._proto_done.clear()
 
     def _grow(self, capacity: int, rank: int) -> None:
@@ -184,22 +185,26 @@ class ExpertSlots:
 
     # -- Arrow ---------------------------------------------------------------------------------
 
-    def prototypes(self) -> dict[str, torch.Tensor]:
-        """module -> [capacity, in] Arrow prototypes (zero for free slots and absent modules);
-        each loaded expert's are computed (or read from its library's cache) once."""
+    def prototypes(self, kind: str = "product") -> dict[str, torch.Tensor]:
+        """module -> [capacity, in] Arrow prototypes of `kind` (see `arrow.PROTOTYPES`; zero for free
+        slots and absent modules); each loaded expert's are computed (or read from its library's
+        cache) once."""
         from .arrow import expert_prototypes
 
+        out = {}
         for m in self.A:
-            if m not in self._protos:
-                self._protos[m] = torch.zeros(self.capacity, self.A[m].shape[2], dtype=self.dtype, device=self.device)
+            if (kind, m) not in self._protos:
+                self._protos[(kind, m)] = torch.zeros(self.capacity, self.A[m].shape[2], dtype=self.dtype,
+                                                      device=self.device)
+            out[m] = self._protos[(kind, m)]
         for slot in self.occupied():
-            if slot in self._proto_done:
+            if (kind, slot) in self._proto_done:
                 continue
-            protos = expert_prototypes(self.experts[slot])
+            protos = expert_prototypes(self.experts[slot], kind)
             for m in self.A:
-                self._protos[m][slot] = protos[m].to(self._protos[m]) if m in protos else 0
-            self._proto_done.add(slot)
-        return self._protos
+                out[m][slot] = protos[m].to(out[m]) if m in protos else 0
+            self._proto_done.add((kind, slot))
+        return out
 
 
 class ExpertSet(ExpertSlots):

@@ -36,7 +36,8 @@ Requests:
   `arrow`, `retrieval`, `learned`, `uniform` or `base`. Extension fields: `route_top_k`
   (policies), `mode` (`mixture` | `average`), `adapter_weights` ({name: weight}, which becomes
   the route `a:0.7,b:0.3` and takes precedence over `model`), `timeout` (seconds, see below),
-  `ignore_eos`, `stop_token_ids`. Which OpenAI fields are honoured and which are refused: `protocol`.
+  `ignore_eos`, `stop_token_ids`, `fallback`, `token_routing`, `arrow` (Arrow's settings:
+  {temperature, normalize, prototypes, modules}). Which OpenAI fields are honoured and which are refused: `protocol`.
 - `/v1/completions` is a raw completion: text or token ids (one or a batch), no template.
   `/v1/chat/completions` renders the whole message list (system, user, assistant turns, text
   parts) through the tokenizer's chat template. Retrieval and learned routing read the prompt

@@ -9,7 +9,9 @@ client learns at once what this server does not do instead of having it silently
   presence_penalty, frequency_penalty, logprobs (completions: int 0..20; chat: bool),
   top_logprobs (chat: int 0..20, needs logprobs), echo (completions), stream, stream_options
   ({include_usage}; only with stream), user (accepted and logged), and our extension fields
-  route_top_k, mode, adapter_weights, timeout, ignore_eos, stop_token_ids.
+  route_top_k, mode, adapter_weights, timeout, ignore_eos, stop_token_ids, token_routing, fallback,
+  arrow ({temperature, normalize, prototypes, modules}: Arrow's settings for `model: arrow` or
+  `fallback: arrow`, see modulora.routing.arrow).
 - Not implemented (`UNSUPPORTED`: OpenAI's tools, tool_choice, functions, function_call,
   response_format, logit_bias, suffix, best_of, audio, modalities, prediction,
   parallel_tool_calls, service_tier, store, metadata, reasoning_effort, web_search_options, ...
@@ -115,6 +117,21 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class ArrowSettings(BaseModel):
+    """Arrow's settings beside route_top_k (modulora.routing.arrow.SETTINGS); unset ones default."""
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    normalize: bool | None = None
+    prototypes: Literal["product", "a"] | None = None
+    modules: str | None = None
+
+    def given(self) -> tuple[tuple[str, Any], ...] | None:
+        """The settings the client gave, as a hashable tuple (None: none)."""
+        got = tuple((k, v) for k, v in self.model_dump().items() if v is not None)
+        return got or None
+
+
 class _Body(BaseModel):
     """What completions and chat share; unsupported and unknown fields are refused after parsing."""
 
@@ -143,6 +160,7 @@ class _Body(BaseModel):
     stop_token_ids: list[int] | None = None
     token_routing: bool | None = False  # each generated token's experts (choices[i].token_routing)
     fallback: Literal["base", "uniform", "arrow"] | None = None  # retrieval / learned: abstain to this
+    arrow: ArrowSettings | None = None  # Arrow's settings (model arrow, or fallback arrow)
     # OpenAI's fields this server does not implement (see UNSUPPORTED for their no-op values)
     tools: Any = None
     tool_choice: Any = None

@@ -43,6 +43,7 @@ class _Item:
     route: str
     route_top_k: int = 1
     fallback: str | None = None  # retrieval / learned: the policy a request no expert fits gets
+    arrow: tuple | None = None  # Arrow's settings, ((name, value), ...), for arrow routes and fallbacks
     mode: str = "mixture"
     params: SamplingParams = field(default_factory=SamplingParams)
     content_span: tuple[int, int] | None = None
@@ -279,7 +280,7 @@ class Scheduler:
         """Set each item's route object; an item whose route fails is answered 400 alone."""
         by_k: dict[tuple, list[_Item]] = {}
         for it in items:
-            by_k.setdefault((it.route_top_k, it.fallback), []).append(it)
+            by_k.setdefault((it.route_top_k, it.fallback, it.arrow), []).append(it)
         for group in by_k.values():
             try:
                 self._resolve_group(group)
@@ -291,9 +292,11 @@ class Scheduler:
                         self._fail(it, APIError(400, str(e), param="model"))
 
     def _resolve_group(self, group: list[_Item]) -> None:
-        """Resolve items of one route_top_k and fallback together."""
+        """Resolve items of one route_top_k, fallback and Arrow settings together."""
+        first = group[0]
         routes, decisions = self.router.resolve_traced([it.query for it in group], [it.route for it in group],
-                                                       top_k=group[0].route_top_k, fallback=group[0].fallback)
+                                                       top_k=first.route_top_k, fallback=first.fallback,
+                                                       arrow=dict(first.arrow) if first.arrow else None)
         for it, r, d in zip(group, routes, decisions):
             it.resolved, it.decision = r, d
 

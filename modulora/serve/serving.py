@@ -20,6 +20,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..routing.api import parse_fixed
+from ..routing.arrow import arrow_route
 from ..routing.experts import RoutingError
 from ..routing.requests import Answer, SamplingParams, TokenEvent, TokenLogprob
 from .errors import APIError
@@ -85,13 +86,22 @@ class Serving:
         if body.fallback is not None and route not in ("retrieval", "learned"):
             raise APIError(400, f"fallback applies to the retrieval and learned routes, not to {route!r}",
                            param="fallback")
+        arrow = body.arrow.given() if body.arrow is not None else None
+        if arrow is not None and route != "arrow" and body.fallback != "arrow":
+            raise APIError(400, f"arrow settings apply to model 'arrow' or fallback 'arrow', not to {route!r}",
+                           param="arrow")
+        if arrow is not None:
+            try:
+                arrow_route(body.route_top_k, dict(arrow))
+            except RoutingError as e:
+                raise APIError(400, str(e), param="arrow") from None
         for p in prompts:
             self._check_ids(p.ids)
             self._check_length(len(p.ids), params.max_tokens)
         timeout = self.timeout_of(body)
         deadline = None if timeout is None else time.monotonic() + timeout
         items = [_Item(p.ids, p.query, route, route_top_k=body.route_top_k, mode=body.mode, params=params,
-                       fallback=body.fallback,
+                       fallback=body.fallback, arrow=arrow,
                        content_span=p.span, timeout=timeout, deadline=deadline, token_routing=bool(body.token_routing),
                        on_token=None if on_token is None else (lambda ev, i=i: on_token(i, ev)))
                  for i, p in enumerate(prompts)]
