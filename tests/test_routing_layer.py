@@ -162,6 +162,26 @@ def arrow_delta(experts, names, spec, mode, module, x):
     return out, w
 
 
+def check_arrow_rows(setup, batch, plan):
+    """Each row's delta at MODS equals the reference Arrow of its spec (None rows: nothing added)."""
+    ids, mask = batch
+    cap = Capture(setup["model"], MODS)
+    try:
+        logits_of(setup["model"], ids, mask, plan)
+    finally:
+        cap.close()
+    for module in MODS:
+        x, y, mod = cap.calls[module][0]
+        delta = y - F.linear(x, mod.weight)
+        for i, (spec, mode) in enumerate(zip(plan.routes, plan.modes)):
+            v = mask[i].bool()
+            if spec is None:
+                assert delta[i].abs().max() == 0
+                continue
+            want, _ = arrow_delta(setup["experts"], list(spec.experts or NAMES), spec, mode, module, x[i][v])
+            torch.testing.assert_close(delta[i][v], want, atol=ATOL, rtol=0)
+
+
 def step(model, plan, ids, mask, cache=None):
     with torch.inference_mode(), routing(model, plan):
         return forward(model, ids, mask, cache)
@@ -283,22 +303,7 @@ def test_arrow_equals_svd_reference(setup, batch, monkeypatch, kernel, mode):
     es, model, experts = setup["es"], setup["model"], setup["experts"]
     specs = [Arrow(top_k=2), Arrow(top_k=3, temperature=0.5, normalize=True), None,
              Arrow(top_k=2, experts=("e1", "e2", "e4"))]
-    plan = RoutingPlan(es, specs, mode)
-    cap = Capture(model, MODS)
-    try:
-        logits_of(model, ids, mask, plan)
-    finally:
-        cap.close()
-    for module in MODS:
-        x, y, mod = cap.calls[module][0]
-        delta = y - F.linear(x, mod.weight)
-        for i, spec in enumerate(specs):
-            v = mask[i].bool()
-            if spec is None:
-                assert delta[i].abs().max() == 0
-                continue
-            want, _ = arrow_delta(experts, list(spec.experts or NAMES), spec, mode, module, x[i][v])
-            torch.testing.assert_close(delta[i][v], want, atol=ATOL, rtol=0)
+    check_arrow_rows(setup, batch, RoutingPlan(es, specs, mode))
     # every row Arrow and no padding: the product accumulates straight into the base output
     spec = specs[1]
     cap = Capture(model, MODS[:1])
@@ -315,24 +320,11 @@ def test_arrow_equals_svd_reference(setup, batch, monkeypatch, kernel, mode):
 def test_arrow_prototypes_from_a_and_routing_in_some_modules_only(setup, batch, mode):
     """`prototypes="a"` scores by A's top right singular vector; `modules` routes per token only
     where the pattern matches, every expert at equal weight elsewhere (and the report says so)."""
-    ids, mask = batch
-    es, model, experts = setup["es"], setup["model"], setup["experts"]
+    es, experts = setup["es"], setup["experts"]
     specs = [Arrow(top_k=2, prototypes="a"), Arrow(top_k=1, modules=r"mlp"), None,
              Arrow(top_k=2, prototypes="a", modules=r"self_attn\.q_proj", temperature=2.0)]
     plan = RoutingPlan(es, specs, mode, explain=True)
-    cap = Capture(model, MODS)
-    try:
-        logits_of(model, ids, mask, plan)
-    finally:
-        cap.close()
-    for module in MODS:
-        x, y, mod = cap.calls[module][0]
-        delta = y - F.linear(x, mod.weight)
-        for i, spec in enumerate(specs):
-            if spec is not None:
-                v = mask[i].bool()
-                want, _ = arrow_delta(experts, NAMES, spec, mode, module, x[i][v])
-                torch.testing.assert_close(delta[i][v], want, atol=ATOL, rtol=0)
+    check_arrow_rows(setup, batch, plan)
     _, per_module = plan.report(1)
     for module, weights in per_module.items():
         if "mlp" in module:  # top-1: a token's whole weight on one expert
