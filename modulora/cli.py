@@ -212,8 +212,9 @@ def add_arrow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrow-temperature", type=float, default=None,
                    help="arrow: softmax temperature over the top-k scores (default 1)")
     p.add_argument("--arrow-cosine", action="store_true", help="arrow: score by cosine, not the raw dot product")
-    p.add_argument("--arrow-prototypes", default=None, choices=["product", "a"],
-                   help="arrow: each expert's prototype from B A (default) or from A alone")
+    p.add_argument("--arrow-prototypes", default=None, choices=["product", "a", "spectral"],
+                   help="arrow: each expert's prototype from B A (default), from A alone, or B A's whole "
+                        "spectrum (SpectR: score |B A x|)")
     p.add_argument("--arrow-modules", default=None, metavar="REGEX",
                    help="arrow: route per token only in modules matching REGEX; the others mix all experts equally")
 

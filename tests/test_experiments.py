@@ -29,7 +29,7 @@ def test_quick_experiment(work, name, capsys):
     assert "| base" in text or "| learned (L2R)" in text
     if name == "zeroshot":  # the Arrow ablation: one setting changed at a time, each with its interval
         ablation = text.split("## Arrow settings")[1].split("## Per task")[0]
-        for row in ("| top-1 |", "| temperature 0.1 |", "| prototypes from A |", "| routing in the MLPs only |",
+        for row in ("| top-1 |", "| temperature 0.1 |", "| prototypes from A |", "| spectral scores (SpectR) |", "| routing in the MLPs only |",
                     "| routing in layers 1-1 only |"):
             assert re.search(re.escape(row) + r" [\d.]+ \| [\d.]+ \| [+-][\d.]+ \([+-][\d.]+ to [+-][\d.]+\) \|",
                              ablation), (row, ablation)

@@ -104,7 +104,7 @@ def test_arrow_settings_reach_the_route(capsys, lib, tiny):
     with pytest.raises(RoutingError, match="unknown Arrow setting 'temp'"):
         r.resolve([prompt], ["arrow"], top_k=1, arrow={"temp": 2})
     code, out, err = run(capsys, lib, "generate", "--base", "tiny", "--route", "arrow", "--top-k", "2",
-                         "--arrow-prototypes", "a", "--arrow-temperature", "0.5", "--arrow-cosine",
+                         "--arrow-prototypes", "spectral", "--arrow-temperature", "0.5", "--arrow-cosine",
                          "--prompt", prompt, "--max-new-tokens", "2", "--explain")
     assert code == 0 and "layer  0:" in out, err
     code, out, err = run(capsys, lib, "generate", "--base", "tiny", "--route", "arrow", "--arrow-modules", "mlp(",

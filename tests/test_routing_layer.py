@@ -149,8 +149,11 @@ def arrow_delta(experts, names, spec, mode, module, x):
     in mixes every expert with equal weights."""
     if spec.modules is not None and not re.search(spec.modules, module):
         return seq_delta(experts, {n: 1.0 for n in names}, mode, module, x), None
-    P = torch.stack([svd_prototype(experts[n], module, spec.prototypes) for n in names])
-    scores = x @ P.T
+    if spec.prototypes == "spectral":  # |B A x|, from the dense update
+        scores = torch.stack([(x @ (experts[n].scaling * experts[n].B[module] @ experts[n].A[module]).T).norm(dim=-1)
+                              for n in names], -1)
+    else:
+        scores = x @ torch.stack([svd_prototype(experts[n], module, spec.prototypes) for n in names]).T
     if spec.normalize:
         scores = scores / x.norm(dim=-1, keepdim=True)
     vals, idx = scores.abs().topk(spec.top_k, dim=-1)
@@ -317,12 +320,14 @@ def test_arrow_equals_svd_reference(setup, batch, monkeypatch, kernel, mode):
 
 
 @pytest.mark.parametrize("mode", ["mixture", "average"])
-def test_arrow_prototypes_from_a_and_routing_in_some_modules_only(setup, batch, mode):
-    """`prototypes="a"` scores by A's top right singular vector; `modules` routes per token only
-    where the pattern matches, every expert at equal weight elsewhere (and the report says so)."""
+def test_arrow_prototypes_from_a_or_the_spectrum_and_routing_in_some_modules_only(setup, batch, mode):
+    """`prototypes="a"` scores by A's top right singular vector, "spectral" by |B A x| (SpectR);
+    `modules` routes per token only where the pattern matches, every expert at equal weight
+    elsewhere (and the report says so)."""
     es, experts = setup["es"], setup["experts"]
-    specs = [Arrow(top_k=2, prototypes="a"), Arrow(top_k=1, modules=r"mlp"), None,
-             Arrow(top_k=2, prototypes="a", modules=r"self_attn\.q_proj", temperature=2.0)]
+    specs = [Arrow(top_k=2, prototypes="a"), Arrow(top_k=1, modules=r"mlp"),
+             Arrow(top_k=3, prototypes="spectral", normalize=True),
+             Arrow(top_k=2, prototypes="spectral", modules=r"self_attn\.q_proj", temperature=2.0)]
     plan = RoutingPlan(es, specs, mode, explain=True)
     check_arrow_rows(setup, batch, plan)
     _, per_module = plan.report(1)
@@ -334,7 +339,12 @@ def test_arrow_prototypes_from_a_and_routing_in_some_modules_only(setup, batch, 
     # A's prototypes differ from the product's (else the first row would prove nothing)
     a, product = arrow_mod.prototypes(es, "a"), arrow_mod.prototypes(es)
     assert float((a[MODS[0]] - product[MODS[0]]).abs().max()) > 0.1
-    assert setup["lib"].get_derived(experts["e0"].object_id, arrow_mod.PROTOTYPES["a"]) is not None
+    for kind in ("a", "spectral"):
+        assert setup["lib"].get_derived(experts["e0"].object_id, arrow_mod.PROTOTYPES[kind]) is not None
+    # e4 has rank 2 in a set of rank 4: its spectrum is padded with zero rows
+    spectral = arrow_mod.prototypes(es, "spectral")[MODS[0]]
+    e4 = es.index("e4")
+    assert spectral.shape == (len(es), 4, 64) and spectral[e4, 2:].abs().max() == 0
 
 
 def test_arrow_equals_peft_arrow(setup, batch):
@@ -525,7 +535,7 @@ def test_other_bad_input(setup, tmp_path):
         RoutingPlan(es, [{"e0": 1}], "sum")
     with pytest.raises(RoutingError, match="temperature"):
         RoutingPlan(es, [Arrow(top_k=1, temperature=0)])
-    with pytest.raises(RoutingError, match="prototypes must be one of product, a"):
+    with pytest.raises(RoutingError, match="prototypes must be one of product, a, spectral"):
         RoutingPlan(es, [Arrow(top_k=1, prototypes="b")])
     with pytest.raises(RoutingError, match="regular expression"):
         RoutingPlan(es, [Arrow(top_k=1, modules="mlp(")])

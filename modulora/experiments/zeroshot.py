@@ -97,12 +97,14 @@ def oracles_and_general(ctx: Context, tasks: list[str], progress: bool) -> tuple
 
 def arrow_variants(ctx: Context, gks_lib: Path, k: int, n_experts: int) -> list[Method]:
     """The Arrow ablation: Arrow + GenKnowSub with one setting changed at a time (what the Arrow / MBC
-    paper and its follow-ups vary: top-k, the softmax temperature, where the prototypes come from,
-    which modules and layers route; a module that does not route mixes every expert equally)."""
+    paper and its follow-ups vary: top-k, the softmax temperature, where the prototypes come from
+    (SpectR scores with the whole spectrum), which modules and layers route; a module that does
+    not route mixes every expert equally)."""
     n = ctx.eval_base.model.config.num_hidden_layers
     upper = "|".join(str(i) for i in range(n // 2, n))
     variants = [("top-1", 1, {}), (f"top-{min(2 * k, n_experts)}", min(2 * k, n_experts), {}),
                 ("temperature 0.1", k, {"temperature": 0.1}), ("prototypes from A", k, {"prototypes": "a"}),
+                ("spectral scores (SpectR)", k, {"prototypes": "spectral"}),
                 ("routing in the MLPs only", k, {"modules": r"\.mlp\."}),
                 (f"routing in layers {n // 2}-{n - 1} only", k, {"modules": rf"\.layers\.({upper})\."})]
     return [Method(f"Arrow + GenKnowSub, {label}", "arrow", str(gks_lib), top_k=top_k, arrow=settings or None)

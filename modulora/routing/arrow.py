@@ -12,8 +12,11 @@ and mixes their outputs with softmax(score / temperature) over those k:
 With `normalize=True` the score uses x / |x| (a cosine); PEFT's Arrow (peft 0.21 `ArrowConfig`)
 does not normalise, and so the default matches it. The experts' scalings are part of B_e.
 
-Two settings for studying what matters (experiment 2's Arrow ablation): `prototypes="a"` takes
-v_e from A_e alone (the input direction the expert reads most, whatever B_e does with it), and
+Settings for studying what matters (experiment 2's Arrow ablation): `prototypes="a"` takes
+v_e from A_e alone (the input direction the expert reads most, whatever B_e does with it);
+`prototypes="spectral"` scores with the whole spectrum instead of its top direction, as SpectR
+(Fleshman & Van Durme 2025) does: with B_e A_e = U S V^T, the score is |S V^T x| = |B_e A_e x|,
+the size of the expert's own update for this token (its prototype is the [r, in] matrix S V^T);
 `modules` (a regular expression) routes per token only in the modules whose names it matches,
 mixing every candidate with equal weights in the others (between Arrow and the uniform mixture).
 
@@ -34,8 +37,9 @@ from safetensors.torch import save as st_save
 from .experts import ExpertSet, LoraExpert, RoutingError, cache_derived
 
 ARROW_KIND = "arrow-v1"
-# prototype kind -> its cache kind in the library: from the product B A, or from A alone
-PROTOTYPES = {"product": ARROW_KIND, "a": "arrow-a-v1"}
+# prototype kind -> its cache kind in the library: from the product B A, from A alone, or the
+# whole spectrum of B A (SpectR)
+PROTOTYPES = {"product": ARROW_KIND, "a": "arrow-a-v1", "spectral": "arrow-spectral-v1"}
 
 # Kernel choice for the expert products (see bench/routing_layer_micro.py and `mixed_delta`): one
 # masked product over all the candidates ("dense": two efficient GEMMs, no host sync) while they
@@ -156,16 +160,29 @@ def top_right_singular_vectors_of_a(A: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
 
 
+@torch.no_grad()
+def spectra(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """S V^T of each B[i] @ A[i] = U S V^T ([..., r, in]): |S V^T x| = |B A x| for any x. Never forms
+    B @ A (see `top_right_singular_vectors`)."""
+    A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64)
+    Qa, Ra = torch.linalg.qr(A64.transpose(-1, -2))
+    _, Rb = torch.linalg.qr(B64)
+    _, S, Vh = torch.linalg.svd(Rb @ Ra.transpose(-1, -2))
+    return S.unsqueeze(-1) * (Vh @ Qa.transpose(-1, -2))
+
+
 def compute_prototypes(expert: LoraExpert, kind: str = "product") -> dict[str, torch.Tensor]:
-    """module -> prototype [in] (float32) for one expert; modules of equal shapes in one batch."""
+    """module -> prototype [in] ([r, in] for "spectral"; float32) for one expert; modules of equal
+    shapes in one batch."""
     groups: dict[tuple, list[str]] = {}
     for m in sorted(expert.A):
         groups.setdefault((tuple(expert.A[m].shape), tuple(expert.B[m].shape)), []).append(m)
     out = {}
     for mods in groups.values():
         A = torch.stack([expert.A[m] for m in mods])
-        v = (top_right_singular_vectors_of_a(A) if kind == "a"
-             else top_right_singular_vectors(A, torch.stack([expert.B[m] for m in mods])))
+        B = torch.stack([expert.B[m] for m in mods])
+        v = (top_right_singular_vectors_of_a(A) if kind == "a" else spectra(A, B) if kind == "spectral"
+             else top_right_singular_vectors(A, B))
         for m, row in zip(mods, v):
             out[m] = row.to(torch.float32).contiguous()
     return out
@@ -182,8 +199,11 @@ def _cached(expert: LoraExpert, kind: str) -> dict[str, torch.Tensor] | None:
         protos = st_load(blob)
     except Exception:  # unreadable cache entry: recompute and overwrite
         return None
+    def shape(m):
+        return tuple(expert.A[m].shape) if kind == "spectral" else (expert.A[m].shape[1],)
+
     ok = set(protos) == set(expert.A) and all(
-        protos[m].shape == (expert.A[m].shape[1],) and bool(torch.isfinite(protos[m]).all()) for m in expert.A)
+        protos[m].shape == shape(m) and bool(torch.isfinite(protos[m]).all()) for m in expert.A)
     return protos if ok else None
 
 
@@ -210,11 +230,15 @@ def prototypes(expert_set: ExpertSet, kind: str = "product") -> dict[str, torch.
 def route_tokens(x: torch.Tensor, protos: torch.Tensor, spec: Arrow,
                  cand: torch.Tensor | None = None,
                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert indices [N, k] (into the set; `protos` holds the candidates, `cand` maps them to the
-    set) and weights [N, k] (softmax over the top k, summing to 1) for tokens x [N, in].
-    `allowed` [candidates] (bool) leaves out experts that do not adapt this module: they get
-    weight 0 (the caller makes sure at least one is allowed)."""
-    scores = x @ protos.T
+    """Expert indices [N, k] (into the set; `protos` [candidates, in] (or [candidates, r, in]:
+    spectral) holds the candidates, `cand` maps them to the set) and weights [N, k] (softmax over
+    the top k, summing to 1) for tokens x [N, in]. `allowed` [candidates] (bool) leaves out
+    experts that do not adapt this module: they get weight 0 (the caller makes sure at least one
+    is allowed)."""
+    if protos.dim() == 3:
+        scores = (x @ protos.reshape(-1, protos.shape[2]).T).view(x.shape[0], protos.shape[0], -1).norm(dim=-1)
+    else:
+        scores = x @ protos.T
     if spec.normalize:
         scores = scores / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     scores = scores.abs_()

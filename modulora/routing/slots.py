@@ -186,23 +186,25 @@ class ExpertSlots:
     # -- Arrow ---------------------------------------------------------------------------------
 
     def prototypes(self, kind: str = "product") -> dict[str, torch.Tensor]:
-        """module -> [capacity, in] Arrow prototypes of `kind` (see `arrow.PROTOTYPES`; zero for free
-        slots and absent modules); each loaded expert's are computed (or read from its library's
-        cache) once."""
+        """module -> [capacity, in] Arrow prototypes of `kind` (see `arrow.PROTOTYPES`; "spectral":
+        [capacity, rank, in]; zero for free slots, absent modules and the rank's padding); each
+        loaded expert's are computed (or read from its library's cache) once."""
         from .arrow import expert_prototypes
 
         out = {}
         for m in self.A:
             if (kind, m) not in self._protos:
-                self._protos[(kind, m)] = torch.zeros(self.capacity, self.A[m].shape[2], dtype=self.dtype,
-                                                      device=self.device)
+                shape = self.A[m].shape if kind == "spectral" else (self.capacity, self.A[m].shape[2])
+                self._protos[(kind, m)] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             out[m] = self._protos[(kind, m)]
         for slot in self.occupied():
             if (kind, slot) in self._proto_done:
                 continue
             protos = expert_prototypes(self.experts[slot], kind)
             for m in self.A:
-                out[m][slot] = protos[m].to(out[m]) if m in protos else 0
+                out[m][slot] = 0
+                if m in protos:
+                    out[m][slot][:len(protos[m])] = protos[m].to(out[m])
             self._proto_done.add((kind, slot))
         return out
 

@@ -123,7 +123,7 @@ class ArrowSettings(BaseModel):
 
     temperature: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     normalize: bool | None = None
-    prototypes: Literal["product", "a"] | None = None
+    prototypes: Literal["product", "a", "spectral"] | None = None
     modules: str | None = None
 
     def given(self) -> tuple[tuple[str, Any], ...] | None:
