@@ -308,6 +308,24 @@ def test_playground_colours_arrow_tokens_one_by_one(page, site):
 
 
 @pytest.mark.slow
+def test_playground_sends_arrow_settings_and_shows_a_refusal(page, site):
+    """Arrow's settings show for the arrow route only, reach the server as the `arrow` field (here
+    from the page's address), and a pattern the server refuses shows its message."""
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" and "/v1/" in r.url else None)
+    generate(page, site, "route=arrow&arrow_prototypes=spectral&arrow_modules=mlp&arrow_temperature=0.5", max_tokens=6)
+    assert page.get_attribute("#pg-output", "data-state") == "done", page.inner_text("#pg-status")
+    assert page.is_visible("#pg-arrow")
+    assert sent[-1]["arrow"] == {"temperature": 0.5, "prototypes": "spectral", "modules": "mlp"}
+    page.fill("#pg-arrow-modules", "mlp(")
+    page.click("#pg-run")
+    page.wait_for_function("() => ['done', 'error'].includes(document.getElementById('pg-output').dataset.state)")
+    assert "regular expression" in page.inner_text("#pg-status")
+    page.select_option("#pg-kind", "uniform")
+    assert not page.is_visible("#pg-arrow")
+
+
+@pytest.mark.slow
 def test_a_bad_upload_shows_its_error_and_leaves_the_library(page, site, made):
     before = httpx.get(f"{site}/v1/adapters").json()
     page.goto(f"{site}/#/upload")

@@ -22,6 +22,13 @@ export async function render(root, route) {
   const adapter = el("select", { id: "pg-adapter" }, names.map((n) => el("option", { value: n }, n)));
   const mixture = el("input", { id: "pg-mixture", type: "text", placeholder: names.slice(0, 2).map((n, i) => `${n}:${i ? 0.3 : 0.7}`).join(",") || "a:0.7,b:0.3" });
   const topk = el("input", { id: "pg-topk", type: "number", min: 1, max: Math.max(1, names.length), value: 1 });
+  // Arrow's settings (sent as the `arrow` extension field when they differ from the defaults)
+  const arrowTemp = el("input", { id: "pg-arrow-temperature", type: "number", min: 0, step: "any", value: q.get("arrow_temperature") || 1 });
+  const arrowProtos = el("select", { id: "pg-arrow-prototypes" },
+    [["product", "B·A, top direction (Arrow)"], ["a", "A alone, top direction"], ["spectral", "B·A, whole spectrum (SpectR)"]]
+      .map(([v, label]) => el("option", { value: v }, label)));
+  arrowProtos.value = q.get("arrow_prototypes") || "product";
+  const arrowModules = el("input", { id: "pg-arrow-modules", type: "text", placeholder: "every module (e.g. mlp)", value: q.get("arrow_modules") || "" });
   const endpoint = el("select", { id: "pg-endpoint" }, el("option", { value: "chat" }, "chat (template)"), el("option", { value: "completion" }, "raw completion"));
   const temperature = el("input", { id: "pg-temperature", type: "number", min: 0, max: 2, step: 0.01, value: 0 });
   const topP = el("input", { id: "pg-top-p", type: "number", min: 0.01, max: 1, step: 0.01, value: 1 });
@@ -39,9 +46,12 @@ export async function render(root, route) {
 
   const field = (label, input, cls = "") => el("label", { class: `field ${cls}` }, el("span", {}, label), input);
   const adapterField = field("Adapter", adapter), mixtureField = field("Weights (name:weight, …)", mixture), topkField = field("Top-k experts", topk);
+  const arrowFields = el("div", { class: "grid", id: "pg-arrow" }, field("Arrow temperature", arrowTemp),
+    field("Arrow prototypes", arrowProtos), field("Modules that route (regex; others mix all equally)", arrowModules));
   const form = el("form", { class: "pg-form", "aria-label": "Request" },
     field("Prompt", prompt, "wide"),
     el("div", { class: "grid" }, field("Route", kind), adapterField, mixtureField, topkField, field("Endpoint", endpoint)),
+    arrowFields,
     el("div", { class: "grid" }, field("Temperature", temperature), field("Top-p", topP), field("Max tokens", maxTokens), field("Seed", seed)),
     el("div", { class: "row" }, run, stop, el("span", { class: "muted" }, "Ctrl+Enter generates")));
 
@@ -49,6 +59,7 @@ export async function render(root, route) {
     adapterField.hidden = kind.value !== "adapter";
     mixtureField.hidden = kind.value !== "mixture";
     topkField.hidden = !POLICIES.includes(kind.value);
+    arrowFields.hidden = kind.value !== "arrow";
   }
   kind.addEventListener("change", syncFields);
   syncFields();
@@ -126,6 +137,13 @@ export async function render(root, route) {
     const b = { model: routeText(), stream: true, max_tokens: +maxTokens.value || 48, temperature: +temperature.value || 0, top_p: +topP.value || 1 };
     if (seed.value !== "") b.seed = +seed.value;
     if (POLICIES.includes(kind.value)) b.route_top_k = +topk.value || 1;
+    if (kind.value === "arrow") {
+      const a = {};
+      if (arrowTemp.value !== "" && +arrowTemp.value !== 1) a.temperature = +arrowTemp.value;
+      if (arrowProtos.value !== "product") a.prototypes = arrowProtos.value;
+      if (arrowModules.value.trim()) a.modules = arrowModules.value.trim();
+      if (Object.keys(a).length) b.arrow = a;
+    }
     if (endpoint.value === "chat") b.messages = [{ role: "user", content: prompt.value }];
     else b.prompt = prompt.value;
     if (withTokenRouting) b.token_routing = true;
