@@ -25,10 +25,10 @@ export async function render(root, route) {
   // Arrow's settings (sent as the `arrow` extension field when they differ from the defaults)
   const arrowTemp = el("input", { id: "pg-arrow-temperature", type: "number", min: 0, step: "any", value: q.get("arrow_temperature") || 1 });
   const arrowProtos = el("select", { id: "pg-arrow-prototypes" },
-    [["product", "B·A, top direction (Arrow)"], ["a", "A alone, top direction"], ["spectral", "B·A, whole spectrum (SpectR)"]]
+    [["product", "B·A (Arrow)"], ["a", "A only"], ["spectral", "spectrum (SpectR)"]]
       .map(([v, label]) => el("option", { value: v }, label)));
   arrowProtos.value = q.get("arrow_prototypes") || "product";
-  const arrowModules = el("input", { id: "pg-arrow-modules", type: "text", placeholder: "every module (e.g. mlp)", value: q.get("arrow_modules") || "" });
+  const arrowModules = el("input", { id: "pg-arrow-modules", type: "text", placeholder: "all (e.g. mlp)", title: "A regular expression over module names; the modules it does not match mix every expert equally", value: q.get("arrow_modules") || "" });
   const endpoint = el("select", { id: "pg-endpoint" }, el("option", { value: "chat" }, "chat (template)"), el("option", { value: "completion" }, "raw completion"));
   const temperature = el("input", { id: "pg-temperature", type: "number", min: 0, max: 2, step: 0.01, value: 0 });
   const topP = el("input", { id: "pg-top-p", type: "number", min: 0.01, max: 1, step: 0.01, value: 1 });
@@ -47,7 +47,7 @@ export async function render(root, route) {
   const field = (label, input, cls = "") => el("label", { class: `field ${cls}` }, el("span", {}, label), input);
   const adapterField = field("Adapter", adapter), mixtureField = field("Weights (name:weight, …)", mixture), topkField = field("Top-k experts", topk);
   const arrowFields = el("div", { class: "grid", id: "pg-arrow" }, field("Arrow temperature", arrowTemp),
-    field("Arrow prototypes", arrowProtos), field("Modules that route (regex; others mix all equally)", arrowModules));
+    field("Arrow prototypes", arrowProtos), field("Modules that route", arrowModules));
   const form = el("form", { class: "pg-form", "aria-label": "Request" },
     field("Prompt", prompt, "wide"),
     el("div", { class: "grid" }, field("Route", kind), adapterField, mixtureField, topkField, field("Endpoint", endpoint)),
