@@ -33,6 +33,8 @@ def test_quick_experiment(work, name, capsys):
                     "| routing in layers 1-1 only |"):
             assert re.search(re.escape(row) + r" [\d.]+ \| [\d.]+ \| [+-][\d.]+ \([+-][\d.]+ to [+-][\d.]+\) \|",
                              ablation), (row, ablation)
+        routed = text.split("## Where routing sent each task")[1].split("## Per task")[0]
+        assert routed.count("\n| task") >= 2 and re.search(r"\| task\w+ \| task\w+ \d\.\d\d", routed), routed
     for image in {"zeroshot": ["accuracy.png", "routing.png", "mbc-similarity.png"], "mixed": ["per-task.png"],
                   "continual": ["average-by-step.png"], "family": ["math.png", "commonsense.png"]}[name]:
         assert (report.parent / image).stat().st_size > 1000

@@ -111,6 +111,17 @@ def arrow_variants(ctx: Context, gks_lib: Path, k: int, n_experts: int) -> list[
             for label, top_k, settings in variants if settings or top_k != k]
 
 
+def where_routed(res, methods: list[str], top: int = 3) -> list[str]:
+    """A table: per held-out task, each method's `top` experts by mean routing weight (the library
+    tasks a router found closest: what to read when routing does not beat a merge)."""
+    def best(m, t):
+        weights = sorted(res.routing[m][t].items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{n} {w:.2f}" for n, w in weights) or "-"
+
+    return ["| held-out task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|",
+            *[f"| {t} | " + " | ".join(best(m, t) for m in methods) + " |" for t in res.tasks]]
+
+
 def run(ctx: Context, progress: bool = True) -> dict:
     s = ctx.settings
     library_tasks, held_out = sni_task_names(ctx, zeroshot=True)
@@ -173,6 +184,9 @@ def run(ctx: Context, progress: bool = True) -> dict:
         f"| top-{k} (as above) | {avg[gks]:.1f} | {rouge[gks]:.1f} | |",
         *[f"| {v.name.split(', ', 1)[1]} | {avg[v.name]:.1f} | {rouge[v.name]:.1f} | {interval(res, v.name, gks)} |"
           for v in variants], "",
+        "## Where routing sent each task", "",
+        "Each method's 3 experts of most weight per held-out task (mean over the task's requests; Arrow: "
+        "over tokens and modules too).", "", *where_routed(res, [gks, retrieval]), "",
         "## Per task", "", (ctx.results / "results.md").read_text().split("\n", 2)[2], "",
         "![scores](accuracy.png)", "", "![routing](routing.png)", "", "![MBC similarity](mbc-similarity.png)",
     ]
