@@ -133,42 +133,41 @@ def arrow_route(top_k: int, settings: dict | None = None) -> Arrow:
 # prototypes
 
 
-@torch.no_grad()
-def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Top right singular vector of each B[i] @ A[i] (A: [..., r, in], B: [..., out, r]) -> [..., in],
-    unit norm, sign fixed so that its largest-magnitude entry is positive. Never forms B @ A:
-    with A^T = Qa Ra and B = Qb Rb (thin QR), B A = Qb (Rb Ra^T) Qa^T, so the answer is Qa times
-    the top right singular vector of the small core Rb Ra^T."""
+def _svd_of_product(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, V^T) of each B[i] @ A[i] = U S V^T (A: [..., r, in], B: [..., out, r]; float64) without
+    forming B @ A: with A^T = Qa Ra and B = Qb Rb (thin QR), B A = Qb (Rb Ra^T) Qa^T, so the SVD
+    of the small r x r core gives them."""
     A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64)
     Qa, Ra = torch.linalg.qr(A64.transpose(-1, -2))          # [.., in, r'], [.., r', r]
     _, Rb = torch.linalg.qr(B64)                               # [.., r'', r]
-    core = Rb @ Ra.transpose(-1, -2)                           # [.., r'', r']
-    _, _, Vh = torch.linalg.svd(core)
-    v = (Qa @ Vh[..., 0, :].unsqueeze(-1)).squeeze(-1)         # [.., in]
+    _, S, Vh = torch.linalg.svd(Rb @ Ra.transpose(-1, -2))     # core [.., r'', r']
+    return S, Vh @ Qa.transpose(-1, -2)
+
+
+def _signed_unit(v: torch.Tensor) -> torch.Tensor:
+    """Unit vectors whose largest-magnitude entry is positive (singular vectors' sign is arbitrary)."""
     lead = torch.gather(v, -1, v.abs().argmax(-1, keepdim=True))
     v = torch.where(lead < 0, -v, v)
     return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+@torch.no_grad()
+def top_right_singular_vectors(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of each B[i] @ A[i] -> [..., in], unit norm, sign fixed."""
+    return _signed_unit(_svd_of_product(A, B)[1][..., 0, :])
 
 
 @torch.no_grad()
 def top_right_singular_vectors_of_a(A: torch.Tensor) -> torch.Tensor:
-    """Top right singular vector of each A[i] ([..., r, in] -> [..., in]), sign fixed as above."""
-    _, _, Vh = torch.linalg.svd(A.detach().to(torch.float64), full_matrices=False)
-    v = Vh[..., 0, :]
-    lead = torch.gather(v, -1, v.abs().argmax(-1, keepdim=True))
-    v = torch.where(lead < 0, -v, v)
-    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    """Top right singular vector of each A[i] ([..., r, in] -> [..., in]), sign fixed."""
+    return _signed_unit(torch.linalg.svd(A.detach().to(torch.float64), full_matrices=False)[2][..., 0, :])
 
 
 @torch.no_grad()
 def spectra(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """S V^T of each B[i] @ A[i] = U S V^T ([..., r, in]): |S V^T x| = |B A x| for any x. Never forms
-    B @ A (see `top_right_singular_vectors`)."""
-    A64, B64 = A.detach().to(torch.float64), B.detach().to(torch.float64)
-    Qa, Ra = torch.linalg.qr(A64.transpose(-1, -2))
-    _, Rb = torch.linalg.qr(B64)
-    _, S, Vh = torch.linalg.svd(Rb @ Ra.transpose(-1, -2))
-    return S.unsqueeze(-1) * (Vh @ Qa.transpose(-1, -2))
+    """S V^T of each B[i] @ A[i] = U S V^T ([..., r, in]): |S V^T x| = |B A x| for any x."""
+    S, Vt = _svd_of_product(A, B)
+    return S.unsqueeze(-1) * Vt
 
 
 def compute_prototypes(expert: LoraExpert, kind: str = "product") -> dict[str, torch.Tensor]:
