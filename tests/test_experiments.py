@@ -27,7 +27,9 @@ def test_quick_experiment(work, name, capsys):
     assert "Mode: quick" in text and "Environment: modulora" in text and "Target" in text
     assert "Precision: training cpu fp32" in text and ", evaluation cpu " in text
     assert "| base" in text or "| learned (L2R)" in text
-    if name == "zeroshot":  # the Arrow ablation: one setting changed at a time, each with its interval
+    if name == "zeroshot":  # every method against the uniform merge, with its interval
+        assert re.search(r"\| TIES merge \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \([+-][\d.]+ to [+-][\d.]+\) \|", text)
+        # the Arrow ablation: one setting changed at a time, each with its interval
         ablation = text.split("## Arrow settings")[1].split("## Per task")[0]
         for row in ("| top-1 |", "| temperature 0.1 |", "| prototypes from A |", "| spectral scores (SpectR) |", "| routing in the MLPs only |",
                     "| routing in layers 1-1 only |"):
