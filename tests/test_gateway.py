@@ -188,6 +188,9 @@ def test_refusals_are_clear(gateway, upstream, setup):
     r = httpx.post(f"{url}/v1/completions", json={"model": "arrow", "prompt": PROMPT})
     assert r.status_code == 400 and "use `modulora serve`" in r.json()["error"]["message"]
     assert "per-token Arrow" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "retrieval", "fallback": "arrow", "prompt": PROMPT,
+                                                  "arrow": {"prototypes": "spectral"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "arrow" and "modulora serve" in r.text
     r = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": PROMPT})
     assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/completions", json={"model": "a:0.5,b:0.5", "mode": "average", "prompt": PROMPT})

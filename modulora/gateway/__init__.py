@@ -15,7 +15,7 @@ Per request (`POST /v1/completions`, `POST /v1/chat/completions`) it
   line) and adds `routing` (`{"index", "experts", "versions"}` per choice; when streaming, on
   each choice's chunk with its finish_reason).
 
-`arrow` (per-token, per-layer routing), `mode: "average"` mixtures, `token_routing` and
+`arrow` (per-token, per-layer routing, and its `arrow` settings), `mode: "average"` mixtures, `token_routing` and
 series / parallel / prefix adapters need modulora's own engine: refused with 400 naming
 `modulora serve`.
 """

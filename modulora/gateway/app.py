@@ -26,7 +26,7 @@ _log = logging.getLogger("modulora.gateway")
 ARROW_REFUSED = ("per-token Arrow routing needs modulora's own engine: use `modulora serve` (the gateway turns "
                  "a route into one LoRA for the upstream, and Arrow picks experts per token and layer)")
 # modulora's extension fields: read here, never forwarded (vLLM does not know them)
-EXTENSIONS = ("adapter_weights", "route_top_k", "mode", "token_routing", "fallback")
+EXTENSIONS = ("adapter_weights", "route_top_k", "mode", "token_routing", "fallback", "arrow")
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -228,9 +228,9 @@ def create_gateway(library, upstream: str, adapter_dir: str | Path, *, upstream_
         gw = state["gw"]
         requested = body.get("model")
         spec = route_spec(body)
-        if body.get("token_routing"):
-            raise GatewayError(400, "token_routing needs modulora's own engine: use `modulora serve`",
-                               param="token_routing")
+        for key in ("token_routing", "arrow"):
+            if body.get(key):
+                raise GatewayError(400, f"{key} needs modulora's own engine: use `modulora serve`", param=key)
         route, decision = await asyncio.to_thread(gw.resolve, spec, routing_texts(path, body),
                                                   route_top_k(body, spec), body.get("fallback"))
         said = {"abstention": decision} if decision else {}
