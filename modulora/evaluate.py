@@ -562,3 +562,9 @@ def right_expert_rate(results: Results, method: str, task: str) -> float:
     recs = [r for r in results.predictions if r["method"] == method and r["task"] == task]
     hits = [bool(r["experts"]) and max(r["experts"], key=r["experts"].get) == r["source"] for r in recs]
     return mean([float(h) for h in hits])
+
+
+def own_expert_weight(results: Results, method: str, task: str) -> float:
+    """The mean weight a route gives the expert named like each example's source task."""
+    return mean([r["experts"].get(r["source"], 0.0) for r in results.predictions
+                 if r["method"] == method and r["task"] == task])

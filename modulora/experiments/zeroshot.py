@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..adapters import AdapterConfig
 from ..data import load_task
-from ..evaluate import Method, evaluate, paired_difference, prepare_task
+from ..evaluate import (Method, evaluate, mixed_task, own_expert_weight, paired_difference, prepare_task,
+                        right_expert_rate)
 from .common import (HOLDOUT, Context, add, gap, interval, met, publish, sni_library, sni_task_names, train_many,
                      write_report)
 
@@ -122,6 +123,22 @@ def where_routed(res, methods: list[str], top: int = 3) -> list[str]:
             *[f"| {t} | " + " | ".join(best(m, t) for m in methods) + " |" for t in res.tasks]]
 
 
+ROUTING_EXAMPLES = 5  # held-out requests per library task for the in-domain routing accuracy
+
+
+def routing_accuracy(ctx: Context, library_tasks: list[str], methods: list[Method], progress: bool) -> dict:
+    """In domain (SpectR's routing accuracy): requests from the library's own tasks (a few held-out
+    examples each, batches mixing tasks, one new token: only the routing is read); per method,
+    (how often the request's own expert weighs most, the mean weight it gets)."""
+    tasks = [prepare_task(ctx.sni(n), n=ROUTING_EXAMPLES, holdout=HOLDOUT, metric="em", max_new_tokens=1, name=n)
+             for n in library_tasks]
+    mixed = mixed_task(tasks, "library-tasks", seed=0)
+    res = evaluate(ctx.eval_base, [mixed], methods, ctx.work / "eval-zeroshot-routing", batch_size=16,
+                   progress=progress, ray=ctx.ray, plots=False)
+    return {m.name: (right_expert_rate(res, m.name, mixed.name), own_expert_weight(res, m.name, mixed.name))
+            for m in methods}
+
+
 def run(ctx: Context, progress: bool = True) -> dict:
     s = ctx.settings
     library_tasks, held_out = sni_task_names(ctx, zeroshot=True)
@@ -147,6 +164,8 @@ def run(ctx: Context, progress: bool = True) -> dict:
         Method("oracle", "own", str(oracle_lib)),
     ]
     variants = arrow_variants(ctx, gks_lib, k, len(library_tasks))
+    arrows = [methods[4], methods[5], *variants]
+    accuracy = routing_accuracy(ctx, library_tasks, arrows, progress)
     res = evaluate(ctx.eval_base, tasks, methods + variants, ctx.work / "eval-zeroshot", batch_size=16, progress=progress,
                    ray=ctx.ray)
     publish(ctx, ctx.work / "eval-zeroshot", {f: f for f in ("results.md", "results.json", "accuracy.png",
@@ -184,10 +203,16 @@ def run(ctx: Context, progress: bool = True) -> dict:
         f"Arrow + GenKnowSub top-{k} (temperature 1, prototypes from B A, every module routes) with one setting "
         "changed at a time. These settings were compared on the held-out tasks themselves, so read this as "
         "what matters, not as a tuned score; the target above is judged on the settings fixed beforehand.", "",
-        "| Arrow + GenKnowSub | exact match % | ROUGE-L % | difference (95% interval) |", "|---|---|---|---|",
-        f"| top-{k} (as above) | {avg[gks]:.1f} | {rouge[gks]:.1f} | |",
-        *[f"| {v.name.split(', ', 1)[1]} | {avg[v.name]:.1f} | {rouge[v.name]:.1f} | {interval(res, v.name, gks)} |"
-          for v in variants], "",
+        f"The last two columns read the routing alone, in domain: {ROUTING_EXAMPLES} held-out requests of each "
+        f"library task ({ROUTING_EXAMPLES * len(library_tasks)} in all, batches mixing tasks), how often the "
+        "request's own expert gets the most weight (mean over the request's tokens and the modules) and the "
+        f"mean weight it gets (an even spread would give it {100 / len(library_tasks):.1f}%).", "",
+        "| Arrow + GenKnowSub | exact match % | ROUGE-L % | difference (95% interval) | own expert first % | "
+        "own expert's weight % |", "|---|---|---|---|---|---|",
+        *[f"| {label} | {avg[m.name]:.1f} | {rouge[m.name]:.1f} | {'' if m.name == gks else interval(res, m.name, gks)} "
+          f"| {100 * accuracy[m.name][0]:.1f} | {100 * accuracy[m.name][1]:.1f} |"
+          for label, m in [(f"top-{k} (as above)", arrows[1]), *[(v.name.split(', ', 1)[1], v) for v in variants],
+                           (f"without GenKnowSub (Arrow top-{k})", arrows[0])]], "",
         "## Where routing sent each task", "",
         "Each method's 3 experts of most weight per held-out task (mean over the task's requests; Arrow: "
         "over tokens and modules too).", "", *where_routed(res, [gks, retrieval]), "",
