@@ -139,6 +139,39 @@ def routing_accuracy(ctx: Context, library_tasks: list[str], methods: list[Metho
             for m in methods}
 
 
+def setup_lines(ctx: Context, library_tasks: list[str], held_out: list[str], clusters: dict) -> list[str]:
+    """The report's opening: what the library, MBC and the held-out tasks are."""
+    s = ctx.settings
+    return [
+        f"Library: {len(library_tasks)} SNI tasks, one LoRA each (rank 8, all linear layers, {s.zs_steps} steps of "
+        f"{s.batch_size}); MBC: {s.clusters} clusters of those experts' parameters, one LoRA per cluster "
+        f"({s.mbc_steps} steps). Held out: {len(held_out)} SNI tasks no expert saw, up to {s.n_eval} examples each "
+        f"(a seeded sample of each task's held-out {int(HOLDOUT * 100)}%), greedy, 32 new tokens at most.",
+        "", "Library tasks: " + ", ".join(library_tasks), "", "Held-out tasks: " + ", ".join(held_out), "",
+        "MBC clusters: " + "; ".join(f"{c}: {', '.join(v)}" for c, v in clusters.items()), ""]
+
+
+def ablation_lines(res, avg: dict, rouge: dict, accuracy: dict, arrows: list[Method], k: int,
+                   n_library: int) -> list[str]:
+    """The Arrow settings section: `arrows` is [Arrow, Arrow + GenKnowSub, *its variants]."""
+    gks = arrows[1].name
+    rows = [(f"top-{k} (as above)", arrows[1]), *[(v.name.split(", ", 1)[1], v) for v in arrows[2:]],
+            (f"without GenKnowSub (Arrow top-{k})", arrows[0])]
+    return [
+        "## Arrow settings", "",
+        f"Arrow + GenKnowSub top-{k} (temperature 1, prototypes from B A, every module routes) with one setting "
+        "changed at a time. These settings were compared on the held-out tasks themselves, so read this as "
+        "what matters, not as a tuned score; the target above is judged on the settings fixed beforehand.", "",
+        f"The last two columns read the routing alone, in domain: {ROUTING_EXAMPLES} held-out requests of each "
+        f"library task ({ROUTING_EXAMPLES * n_library} in all, batches mixing tasks), how often the "
+        "request's own expert gets the most weight (mean over the request's tokens and the modules) and the "
+        f"mean weight it gets (an even spread would give it {100 / n_library:.1f}%).", "",
+        "| Arrow + GenKnowSub | exact match % | ROUGE-L % | difference (95% interval) | own expert first % | "
+        "own expert's weight % |", "|---|---|---|---|---|---|",
+        *[f"| {label} | {avg[m.name]:.1f} | {rouge[m.name]:.1f} | {'' if m.name == gks else interval(res, m.name, gks)} "
+          f"| {100 * accuracy[m.name][0]:.1f} | {100 * accuracy[m.name][1]:.1f} |" for label, m in rows], ""]
+
+
 def run(ctx: Context, progress: bool = True) -> dict:
     s = ctx.settings
     library_tasks, held_out = sni_task_names(ctx, zeroshot=True)
@@ -182,12 +215,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
                         for m in methods)
     clusters = json.loads((mbc_out / "clustering.json").read_text())["clusters"]
     body = [
-        f"Library: {len(library_tasks)} SNI tasks, one LoRA each (rank 8, all linear layers, {s.zs_steps} steps of "
-        f"{s.batch_size}); MBC: {s.clusters} clusters of those experts' parameters, one LoRA per cluster "
-        f"({s.mbc_steps} steps). Held out: {len(held_out)} SNI tasks no expert saw, up to {s.n_eval} examples each "
-        f"(a seeded sample of each task's held-out {int(HOLDOUT * 100)}%), greedy, 32 new tokens at most.",
-        "", "Library tasks: " + ", ".join(library_tasks), "", "Held-out tasks: " + ", ".join(held_out), "",
-        "MBC clusters: " + "; ".join(f"{c}: {', '.join(v)}" for c, v in clusters.items()), "",
+        *setup_lines(ctx, library_tasks, held_out, clusters),
         "## Held-out average", "",
         "| method | exact match % | ROUGE-L % | minus the uniform merge, exact match points (95% paired bootstrap "
         "interval) |", "|---|---|---|---|", summary, "",
@@ -199,20 +227,7 @@ def run(ctx: Context, progress: bool = True) -> dict:
         *[f"- {gap(res, x, y)}" for x, y in ((gks, "uniform merge"), (retrieval, "uniform merge"),
                                               (arrow, "uniform merge"), (gks, arrow), ("uniform merge", "base"),
                                               ("oracle", retrieval))], "",
-        "## Arrow settings", "",
-        f"Arrow + GenKnowSub top-{k} (temperature 1, prototypes from B A, every module routes) with one setting "
-        "changed at a time. These settings were compared on the held-out tasks themselves, so read this as "
-        "what matters, not as a tuned score; the target above is judged on the settings fixed beforehand.", "",
-        f"The last two columns read the routing alone, in domain: {ROUTING_EXAMPLES} held-out requests of each "
-        f"library task ({ROUTING_EXAMPLES * len(library_tasks)} in all, batches mixing tasks), how often the "
-        "request's own expert gets the most weight (mean over the request's tokens and the modules) and the "
-        f"mean weight it gets (an even spread would give it {100 / len(library_tasks):.1f}%).", "",
-        "| Arrow + GenKnowSub | exact match % | ROUGE-L % | difference (95% interval) | own expert first % | "
-        "own expert's weight % |", "|---|---|---|---|---|---|",
-        *[f"| {label} | {avg[m.name]:.1f} | {rouge[m.name]:.1f} | {'' if m.name == gks else interval(res, m.name, gks)} "
-          f"| {100 * accuracy[m.name][0]:.1f} | {100 * accuracy[m.name][1]:.1f} |"
-          for label, m in [(f"top-{k} (as above)", arrows[1]), *[(v.name.split(', ', 1)[1], v) for v in variants],
-                           (f"without GenKnowSub (Arrow top-{k})", arrows[0])]], "",
+        *ablation_lines(res, avg, rouge, accuracy, arrows, k, len(library_tasks)),
         "## Where routing sent each task", "",
         "Each method's 3 experts of most weight per held-out task (mean over the task's requests; Arrow: "
         "over tokens and modules too).", "", *where_routed(res, [gks, retrieval]), "",
