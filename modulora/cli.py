@@ -58,7 +58,8 @@ def cmd_generate(args) -> None:
         raise SystemExit("error: give at least one --prompt")
     if sum(map(bool, (args.adapter, args.base_only, args.route))) != 1:
         raise SystemExit("error: give one of --adapter NAME, --route POLICY or --base-only")
-    if arrow_settings(args) and not (args.route == "arrow" or args.fallback == "arrow"):
+    arrow = arrow_settings(args)
+    if arrow and not (args.route == "arrow" or args.fallback == "arrow"):
         raise SystemExit("error: --arrow-* settings apply to --route arrow or --fallback arrow")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop))
@@ -69,8 +70,7 @@ def cmd_generate(args) -> None:
 
         router = Router(base, _library(args))
         answers = router.answer(args.prompt, [args.route] * len(args.prompt), top_k=args.top_k, mode=args.mode,
-                                explain=args.explain, sampling=params, fallback=args.fallback,
-                                arrow=arrow_settings(args))
+                                explain=args.explain, sampling=params, fallback=args.fallback, arrow=arrow)
         for prompt, ans in zip(args.prompt, answers):
             print(f">>> {prompt}\n{ans.text.strip()}")
             if args.explain:

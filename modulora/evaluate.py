@@ -144,12 +144,16 @@ def check_methods(methods: list[Method], default_library: str | None,
                 raise EvalError(f"method {m.name!r}: a fallback ({', '.join(FALLBACKS)}) is for the retrieval and "
                                 f"learned routes; got fallback {m.fallback!r} with route {m.route!r}")
         if m.arrow is not None:
-            from .routing.arrow import SETTINGS
+            from .routing.arrow import arrow_route
+            from .routing.experts import RoutingError
 
-            unknown = sorted(set(m.arrow) - set(SETTINGS))
-            if m.route != "arrow" and m.fallback != "arrow" or unknown:
-                raise EvalError(f"method {m.name!r}: Arrow settings ({', '.join(SETTINGS)}) are for the arrow route "
-                                f"or fallback; got {sorted(m.arrow)} with route {m.route!r}")
+            if m.route != "arrow" and m.fallback != "arrow":
+                raise EvalError(f"method {m.name!r}: Arrow settings are for the arrow route or fallback; got "
+                                f"{sorted(m.arrow)} with route {m.route!r}")
+            try:
+                arrow_route(m.top_k, m.arrow)  # the settings themselves, before any compute
+            except RoutingError as e:
+                raise EvalError(f"method {m.name!r}: Arrow settings: {e}") from None
         if m.route == "base":
             continue
         lib_path = m.library or default_library

@@ -601,13 +601,13 @@ class RoutingPlan:
         cands = self._arrow_candidates(g, gi, name, A, Bt)
         if cands is None:  # no candidate adapts this module
             return
-        protos, allowed, Ac, Btc = cands
+        protos, allowed, Ac, Btc, routed = cands
         xf = x.reshape(-1, x.shape[-1])
         if tok.toks is not None:
             if tok.toks.numel() == 0:
                 return
             xf = xf.index_select(0, tok.toks)
-        if g.spec.routes(name):
+        if routed:
             xr = xf if xf.dtype == protos.dtype else xf.to(protos.dtype)  # routing in the prototypes' dtype
             idx, w = arrow_mod.route_tokens(xr, protos, g.spec, allowed=allowed)   # candidate positions
         else:
@@ -659,14 +659,15 @@ class RoutingPlan:
 
     def _arrow_candidates(self, g: _ArrowGroup, gi: int, name: str, A, Bt):
         """(prototypes of the group's candidates at this module, which of them adapt it (None: all),
-        their A and Bt), once per plan and module; None when none adapts it. Decided on the host
-        from the experts themselves, so nothing is read back from the device."""
+        their A and Bt, whether tokens route here), once per plan and module; None when none adapts
+        it. Decided on the host from the experts themselves, so nothing is read back from the device."""
         key = ("arrow", gi, name, A.dtype)
         if key not in self._cache:
             experts = getattr(self.expert_set, "experts", None)
             present = [experts is None or (experts[s] is not None and name in experts[s].A) for s in g.cand_list]
             allowed = None if all(present) else torch.tensor(present, device=A.device)
-            got = (_take(self.protos[g.spec.prototypes][name], g.cand), allowed, _take(A, g.cand), _take(Bt, g.cand))
+            got = (_take(self.protos[g.spec.prototypes][name], g.cand), allowed, _take(A, g.cand), _take(Bt, g.cand),
+                   g.spec.routes(name))
             self._cache[key] = got if any(present) else None
         return self._cache[key]
 
